@@ -1,0 +1,104 @@
+"""Server arguments: the plan's inputs (`registry.PlanArgs`) plus the engine's own.
+
+One source of truth: every flag, its default and its validation come from the fields
+below (see `registry.args.option`). Another command adds these flags to its own parser
+and builds the instance from the namespace::
+
+    parser = registry.args.Parser(prog="parcap generate")
+    ServerArgs.add_arguments(parser)          # or a parser.add_argument_group(...)
+    parser.add_argument("--prompt", action="append")
+    ns = parser.parse_args(argv)
+    args = ServerArgs.from_namespace(ns, parser).require_model(parser)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from attrs import frozen
+
+from registry.args import PlanArgs, at_least, fail, option, optional_str
+from registry.capabilities import is_bool
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@frozen
+class ServerArgs(PlanArgs):
+    """Everything a launch is configured with; the parallel part is `PlanArgs`."""
+
+    model: str | None = option(
+        None,
+        validator=optional_str,
+        metavar="ARCH",
+        help="architecture name (see 'parcap registry list'): embedded tiny config with "
+        "seeded random weights",
+    )
+    model_path: str | None = option(
+        None,
+        validator=optional_str,
+        metavar="DIR",
+        help="Hugging Face checkpoint directory (config.json + safetensors)",
+    )
+    device: str = option("cpu", choices=DEVICES, help="where the model runs")
+    dtype: str = option(
+        "auto",
+        choices=DTYPES,
+        help="weight and activation dtype; auto is float32 on cpu, bfloat16 on cuda",
+    )
+    seed: int = option(0, validator=at_least(0), metavar="N", help="random seed")
+    cuda_graph_max_bs: int = option(
+        32, validator=at_least(1), metavar="N", help="largest batch size captured in a CUDA graph"
+    )
+    disable_cuda_graph: bool = option(
+        False, validator=is_bool, help="run decode eagerly on cuda (cpu always runs eagerly)"
+    )
+    max_running_requests: int = option(
+        64, validator=at_least(1), metavar="N", help="most requests decoded together"
+    )
+    max_total_tokens: int = option(
+        8192,
+        validator=at_least(1),
+        metavar="N",
+        help="KV-cache pool size in tokens, per attention-DP group",
+    )
+    max_prefill_tokens: int = option(
+        4096, validator=at_least(1), metavar="N", help="most tokens prefilled in one step"
+    )
+    dist_timeout: int = option(
+        60, validator=at_least(1), metavar="SECONDS", help="timeout of collective operations"
+    )
+    dist_init_addr: str | None = option(
+        None,
+        validator=optional_str,
+        metavar="HOST:PORT",
+        help="rendezvous address of rank 0 for torch.distributed (default: chosen by the launcher)",
+    )
+
+    def _check(self) -> None:
+        super()._check()
+        if self.model is not None and self.model_path is not None:
+            raise ValueError(
+                f"give one of 'model' or 'model_path', not both (got model={self.model!r}, "
+                f"model_path={self.model_path!r})"
+            )
+
+    def require_model(self, parser: argparse.ArgumentParser | None = None) -> ServerArgs:
+        """Self, for a command that runs a model: exactly one of model / model_path.
+
+        Without it, reports through `parser.error` or as ``parcap: error: ...``, exit 2.
+        """
+        if self.model is None and self.model_path is None:
+            message = "one of --model ARCH or --model-path DIR is required"
+            if parser is not None:
+                parser.error(message)
+            fail(message)
+        return self
+
+    @property
+    def resolved_dtype(self) -> str:
+        """The dtype name to run with: `dtype`, or float32 on cpu / bfloat16 on cuda."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if self.device == "cpu" else "bfloat16"
