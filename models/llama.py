@@ -1,0 +1,223 @@
+"""Llama (2, 3, 3.x) as transformers 5.23 `LlamaForCausalLM`, tensor-parallel."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.distributed import all_reduce
+from engine.forward_batch import ForwardBatch
+from engine.loader import Weights, load_params
+from engine.model_config import head_dim, num_kv_heads, rope_parameters, tie_word_embeddings
+from models.layers.activation import SiluAndMul
+from models.layers.attention import Attention
+from models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from models.layers.logits import LogitsProcessor
+from models.layers.norm import RMSNorm
+from models.layers.rotary import RotaryEmbedding
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: types.SimpleNamespace, layer_id: int) -> None:
+        super().__init__()
+        dim = head_dim(config)
+        bias = getattr(config, "attention_bias", False)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            dim,
+            config.num_attention_heads,
+            num_kv_heads(config),
+            bias,
+            "attn_tp",
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * dim,
+            config.hidden_size,
+            bias,
+            reduce_results=False,
+            group="attn_tp",
+        )
+        self.rotary_emb = RotaryEmbedding(
+            dim, rope_parameters(config), config.max_position_embeddings
+        )
+        self.attn = Attention(
+            self.qkv_proj.num_heads, dim, self.qkv_proj.num_kv_heads, dim**-0.5, layer_id
+        )
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """Partial sums over attention-TP ranks; the decoder layer reduces them."""
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q = q.view(-1, self.attn.num_heads, self.attn.head_dim)
+        k = k.view(-1, self.attn.num_kv_heads, self.attn.head_dim)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, batch))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: types.SimpleNamespace) -> None:
+        super().__init__()
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(
+                f"LlamaForCausalLM supports hidden_act 'silu' (got {config.hidden_act!r})"
+            )
+        bias = getattr(config, "mlp_bias", False)
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias)
+        self.act_fn = SiluAndMul()
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, reduce_results=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Partial sums over TP ranks; the decoder layer reduces them."""
+        return self.down_proj(self.act_fn(self.gate_up_proj(hidden)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: types.SimpleNamespace, layer_id: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_id)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, batch)
+        hidden, residual = self.after_attention(hidden, residual)
+        hidden = self.after_mlp(self.mlp(hidden))
+        return hidden, residual
+
+    # The two communication points of the layer. A communicator that reduce-scatters over
+    # attention-TP and all-gathers before the MLP replaces exactly these.
+    def after_attention(
+        self, hidden: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = all_reduce(hidden, "attn_tp")
+        return self.post_attention_layernorm(hidden, residual)
+
+    def after_mlp(self, hidden: torch.Tensor) -> torch.Tensor:
+        return all_reduce(hidden, "tp")
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: types.SimpleNamespace) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(batch.input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(batch.positions, hidden, residual, batch)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: types.SimpleNamespace) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        if tie_word_embeddings(config):
+            self.lm_head.tie(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor()
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [batch.batch_size, vocab] (float32) at `batch.sample_rows`, same on every rank."""
+        return self.logits_processor(self.model(batch), self.lm_head, batch)
+
+    def load_weights(self, weights: Weights) -> None:
+        load_params(self, weights, self.packed_modules_mapping)
+
+    def kv_cache_shapes(self) -> list[list[tuple[int, ...]]]:
+        return [layer.self_attn.attn.kv_cache_shapes() for layer in self.model.layers]
+
+    @staticmethod
+    def tiny_config() -> dict[str, Any]:
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": 384,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 8,
+            "hidden_act": "silu",
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "attention_bias": False,
+            "mlp_bias": False,
+            "tie_word_embeddings": False,
+            "bos_token_id": 256,
+            "eos_token_id": 257,
+            "pad_token_id": None,
+            "dtype": "float32",
+            "torch_dtype": "float32",
+        }
+
+    @staticmethod
+    def checkpoint_shapes(config: types.SimpleNamespace) -> dict[str, tuple[int, ...]]:
+        hidden, inter, dim = config.hidden_size, config.intermediate_size, head_dim(config)
+        q, kv = config.num_attention_heads * dim, num_kv_heads(config) * dim
+        attention_bias = getattr(config, "attention_bias", False)
+        mlp_bias = getattr(config, "mlp_bias", False)
+        shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
+        for i in range(config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            shapes |= {
+                p + "self_attn.q_proj.weight": (q, hidden),
+                p + "self_attn.k_proj.weight": (kv, hidden),
+                p + "self_attn.v_proj.weight": (kv, hidden),
+                p + "self_attn.o_proj.weight": (hidden, q),
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+            }
+            if attention_bias:
+                shapes |= {
+                    p + "self_attn.q_proj.bias": (q,),
+                    p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.bias": (kv,),
+                    p + "self_attn.o_proj.bias": (hidden,),
+                }
+            if mlp_bias:
+                shapes |= {
+                    p + "mlp.gate_proj.bias": (inter,),
+                    p + "mlp.up_proj.bias": (inter,),
+                    p + "mlp.down_proj.bias": (hidden,),
+                }
+        shapes["model.norm.weight"] = (hidden,)
+        if not tie_word_embeddings(config):
+            shapes["lm_head.weight"] = (config.vocab_size, hidden)
+        return shapes
