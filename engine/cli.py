@@ -19,6 +19,8 @@ from registry.args import Parser
 #   "generate": ("engine.generate:main", "run prompts through a model, JSONL out"),
 COMMANDS: dict[str, tuple[str, str]] = {
     "registry": ("engine.cli:_registry", "inspect model declarations and the parallel plan"),
+    "generate": ("engine.generate:main", "run prompts through a model, JSONL out"),
+    "serve": ("engine.serve:main", "serve a model over an OpenAI-compatible HTTP API"),
 }
 
 

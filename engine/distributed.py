@@ -119,26 +119,35 @@ def all_reduce(x: torch.Tensor, group: str = "tp") -> torch.Tensor:
     return x
 
 
-def all_gather(x: torch.Tensor, group: str = "tp") -> torch.Tensor:
-    """Concatenate equal-sized shards along dim 0, in rank order."""
+def all_gather(x: torch.Tensor, group: str = "tp", out: torch.Tensor | None = None) -> torch.Tensor:
+    """Concatenate equal-sized shards along dim 0, in rank order (into `out` when given:
+    a contiguous tensor of exactly the result's shape, e.g. the gathered buffer)."""
     pg, size = _group(group)
-    if size == 1:
+    if size == 1 and out is None:
         return x
-    out = x.new_empty((size * x.shape[0], *x.shape[1:]))
+    if out is None:
+        out = x.new_empty((size * x.shape[0], *x.shape[1:]))
+    if size == 1:
+        return out.copy_(x)
     dist.all_gather_into_tensor(out, x.contiguous(), group=pg)
     return out
 
 
-def all_gather_uneven(x: torch.Tensor, sizes: Sequence[int], group: str = "tp") -> torch.Tensor:
-    """Concatenate shards of the given row counts; pads only inside the transfer."""
+def all_gather_uneven(
+    x: torch.Tensor, sizes: Sequence[int], group: str = "tp", out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Concatenate shards of the given row counts (into `out` when given); pads only inside
+    the transfer."""
     pg, size = _group(group)
-    if size == 1:
+    if size == 1 and out is None:
         return x
     most = max(sizes)
     padded = x.new_zeros((most, *x.shape[1:]))
     padded[: x.shape[0]] = x
-    out = all_gather(padded, group).view(size, most, *x.shape[1:])
-    return torch.cat([out[i, :n] for i, n in enumerate(sizes)])
+    stacked = all_gather(padded, group).view(size, most, *x.shape[1:])
+    if out is None:
+        return torch.cat([stacked[i, :n] for i, n in enumerate(sizes)])
+    return torch.cat([stacked[i, :n] for i, n in enumerate(sizes)], out=out)
 
 
 def all_gather_last_dim(x: torch.Tensor, group: str = "tp") -> torch.Tensor:
@@ -182,6 +191,31 @@ def cpu_all_gather_ints(values: Sequence[int], group: str = "tp") -> list[list[i
     t = torch.tensor(list(values), dtype=torch.int64)
     if size == 1:
         return [t.tolist()]
-    out = torch.empty((size, t.numel()), dtype=torch.int64)
+    out = torch.empty(size * t.numel(), dtype=torch.int64)
     dist.all_gather_into_tensor(out, t, group=pg)
-    return out.tolist()
+    return out.view(size, -1).tolist()
+
+
+def broadcast_object(obj: object, group: str = "attn_tp") -> object:
+    """The attention-TP leader's `obj` (or global rank 0's, for "tp") on every rank of the
+    group, over its gloo CPU group."""
+    s = get_parallel()
+    if group == "tp":
+        pg, size, src = s.cpu_group, s.tp_size, 0
+    else:
+        pg, size, src = s.attn_tp_cpu_group, s.attn_tp_size, s.rank - s.attn_tp_rank
+    if size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=pg)
+    return box[0]
+
+
+def gather_object(obj: object) -> list[object] | None:
+    """Every rank's `obj` on global rank 0 in rank order (None elsewhere), over gloo."""
+    s = get_parallel()
+    if s.tp_size == 1:
+        return [obj]
+    out = [None] * s.tp_size if s.rank == 0 else None
+    dist.gather_object(obj, out, dst=0, group=s.cpu_group)
+    return out

@@ -1,0 +1,221 @@
+"""Resolve a launch once in the front end, then start its ranks: spawned here, or by torchrun.
+
+A spawned rank that fails stops the whole launch: its one-line error (or how it died)
+is kept, every other rank is killed, and nothing is left running.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import time
+from typing import Any
+
+from attrs import frozen
+
+from engine.model_runner import model_source
+from engine.sequence import Request, Result, SamplingParams, Timings
+from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.worker import (
+    CLOSE,
+    Launch,
+    Submit,
+    Worker,
+    failure_line,
+    run_rank,
+    start_rank,
+)
+from registry import ModelInfo, explain_json, get_model_info, resolve_plan
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
+# After the first sign of failure, how long to wait for the other ranks' news, so the
+# report names the rank that failed first rather than a peer whose collective broke.
+GRACE_S = 0.5
+
+
+class RankError(RuntimeError):
+    """A rank failed; the message names it (``rank N: Error: ...``)."""
+
+
+@frozen
+class Setup:
+    """A launch resolved in the front end, before any rank starts."""
+
+    launch: Launch
+    info: ModelInfo
+    tokenizer: Tokenizer | None
+
+    @property
+    def explain(self) -> dict[str, Any]:
+        return explain_json(self.info, self.launch.plan)
+
+
+def prepare(args: Any) -> Setup:
+    """Model source, plan and tokenizer for `args`.
+
+    Raises UnknownArchitecture, ModelLoadError, ModelSourceError or PlanRefused: each
+    a user mistake to report before any rank starts.
+    """
+    source = model_source(args.model, args.model_path)
+    info = get_model_info(source.architecture)
+    plan = resolve_plan(info.capabilities, args, model=source.architecture)
+    tokenizer = load_tokenizer(args.model_path, source.namespace)
+    return Setup(Launch(args, plan, source, init_method(args)), info, tokenizer)
+
+
+def init_method(args: Any) -> str:
+    if is_torchrun():
+        return "env://"
+    if args.dist_init_addr:
+        return f"tcp://{args.dist_init_addr}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def is_torchrun() -> bool:
+    return all(v in os.environ for v in TORCHRUN_VARS)
+
+
+class Ranks:
+    """The spawned rank processes of one launch and their queues."""
+
+    def __init__(self, launch: Launch) -> None:
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.inboxes = [ctx.Queue() for _ in range(launch.plan.attn_dp_size)]
+        self.outbox = ctx.Queue()
+        self.procs = [
+            ctx.Process(
+                target=run_rank,
+                args=(rank, launch, self.inboxes, self.outbox),
+                name=f"parcap-rank-{rank}",
+                daemon=True,
+            )
+            for rank in range(launch.args.tp_size)
+        ]
+        for p in self.procs:
+            p.start()
+        self.pids = [p.pid for p in self.procs]
+        self.errors: list[tuple[int, str]] = []
+        self._codes: list[int | None] = [None] * len(self.procs)
+        self.byes: set[int] = set()
+        self._failing_since: float | None = None
+
+    def receive(self, timeout: float) -> list[tuple]:
+        """Messages from the ranks; errors and farewells are kept here, not returned."""
+        self._codes = [p.exitcode for p in self.procs]  # first: a clean exit's bye is queued
+        out = []
+        try:
+            out.append(self.outbox.get(timeout=timeout))
+            while True:
+                out.append(self.outbox.get_nowait())
+        except queue.Empty:
+            pass
+        for msg in out:
+            if msg[0] == "error":
+                self.errors.append((msg[1], msg[2]))
+            elif msg[0] == "bye":
+                self.byes.add(msg[1])
+        return [m for m in out if m[0] not in ("error", "bye")]
+
+    def failure(self) -> str | None:
+        """The launch's failure once known, else None.
+
+        A rank that died without a word (a signal, a crash) is the cause over a rank
+        that reported an error, whose collective may have broken because of it; among
+        reports, the first.
+        """
+        died = {
+            rank: describe_exit(rank, code)
+            for rank, code in enumerate(self._codes)
+            if code is not None and (code != 0 or rank not in self.byes)
+        }
+        if not (died or self.errors):
+            return None
+        now = time.monotonic()
+        self._failing_since = self._failing_since or now
+        if now - self._failing_since < GRACE_S and None in self._codes:
+            return None
+        reported = {rank for rank, _ in self.errors}
+        silent = [line for rank, line in died.items() if rank not in reported]
+        return (silent or [line for _, line in self.errors])[0]
+
+    def close(self) -> None:
+        for inbox in self.inboxes:
+            inbox.put(CLOSE)
+
+    def kill(self, grace: float = 0.0) -> None:
+        """Give ranks `grace` seconds to exit, then kill the rest; returns once all are gone."""
+        deadline = time.monotonic() + grace
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.exitcode is None:
+                p.kill()
+        for p in self.procs:
+            p.join()
+        for q in [*self.inboxes, self.outbox]:
+            q.cancel_join_thread()
+
+
+def describe_exit(rank: int, code: int) -> str:
+    if code < 0:
+        return f"rank {rank}: killed by {signal.Signals(-code).name}"
+    if code == 0:
+        return f"rank {rank}: exited before the run ended"
+    return f"rank {rank}: exited with code {code}"
+
+
+class _StampedOutbox:
+    """An in-process outbox that notes when each message was sent."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[float, tuple]] = []
+
+    def put(self, msg: tuple) -> None:
+        self.items.append((time.monotonic(), msg))
+
+
+def run_torchrun(
+    setup: Setup, prompts: list[list[int]], params: SamplingParams
+) -> tuple[list[Result], dict[str, Any], Timings] | None:
+    """Run this process as the rank torchrun says; every rank reads the same prompts and
+    keeps its group's round-robin share. Results, counters and timings on global rank 0,
+    else None."""
+    from engine.distributed import destroy_parallel, gather_object
+
+    launch = setup.launch
+    rank = int(os.environ["RANK"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    device = start_rank(launch.args.device, int(os.environ.get("LOCAL_RANK", 0)), local_world)
+    groups = launch.plan.attn_dp_size
+    group = rank // launch.plan.attn_tp_size
+    requests = [Request.make(i, p, params, launch.args.seed) for i, p in enumerate(prompts)]
+    inbox, outbox = queue.Queue(), _StampedOutbox()
+    inbox.put(Submit(tuple(r for r in requests if r.rid % groups == group), len(requests)))
+    inbox.put(CLOSE)
+    try:
+        worker = Worker(rank, launch, inbox, outbox, device)
+        start = time.monotonic()
+        worker.run()
+    except Exception as e:
+        raise RankError(failure_line(rank, e)) from e
+    results: dict[int, Result] = {}
+    for when, (kind, *body) in outbox.items:
+        if kind == "events":
+            for event in body[0]:
+                results.setdefault(event.rid, Result(start)).add(event, when)
+    everyone = gather_object(results if worker.leader else {})
+    counters = worker.counters()
+    destroy_parallel()
+    if rank != 0:
+        return None
+    merged = {rid: r for part in everyone for rid, r in part.items()}
+    timings = Timings()
+    for result in merged.values():
+        timings.add(result)
+    return [merged[r.rid] for r in requests], counters, timings
