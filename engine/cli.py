@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -59,7 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         parser.error(f"unknown command {name!r} (choose from {', '.join(COMMANDS)})")
-    code = _load(COMMANDS[name][0])(rest)
+    # Unwind on SIGTERM like on Ctrl-C, so the engine's context manager stops the ranks.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        code = _load(COMMANDS[name][0])(rest)
+    except KeyboardInterrupt:
+        print("parcap: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0 if code is None else int(code)
 
 

@@ -247,6 +247,8 @@ def start_rank(device: str, local_rank: int, local_ranks: int) -> Any:
 
 def run_rank(rank: int, launch: Launch, inboxes: list[Any], outbox: Any) -> None:
     """Entry point of a spawned rank; any failure goes to the outbox as one line."""
+    # Ctrl-C reaches the whole process group; the front end decides how ranks stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         device = start_rank(launch.args.device, rank, launch.args.tp_size)
         attn_tp = launch.plan.attn_tp_size
