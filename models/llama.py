@@ -8,15 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.distributed import all_reduce
+from engine.communicator import LayerCommunicator, ScatterMode, final_norm, mlp_mode
 from engine.forward_batch import ForwardBatch
 from engine.loader import Weights, load_params
 from engine.model_config import head_dim, num_kv_heads, rope_parameters, tie_word_embeddings
-from models.layers.activation import SiluAndMul
 from models.layers.attention import Attention
 from models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from models.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from models.layers.linear import QKVParallelLinear, RowParallelLinear
 from models.layers.logits import LogitsProcessor
+from models.layers.mlp import GatedMLP
 from models.layers.norm import RMSNorm
 from models.layers.rotary import RotaryEmbedding
 
@@ -59,31 +59,26 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, batch))
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, config: types.SimpleNamespace) -> None:
-        super().__init__()
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise ValueError(
-                f"LlamaForCausalLM supports hidden_act 'silu' (got {config.hidden_act!r})"
-            )
-        bias = getattr(config, "mlp_bias", False)
-        inter = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias)
-        self.act_fn = SiluAndMul()
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, reduce_results=False)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Partial sums over TP ranks; the decoder layer reduces them."""
-        return self.down_proj(self.act_fn(self.gate_up_proj(hidden)))
+def llama_mlp(config: types.SimpleNamespace) -> GatedMLP:
+    """TP-sharded over "tp", or replicated under ``--moe-dense-tp-size 1`` (then it runs on
+    the rank's scattered rows)."""
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"LlamaForCausalLM supports hidden_act 'silu' (got {config.hidden_act!r})")
+    replicated = mlp_mode(is_moe=False) is ScatterMode.SCATTERED
+    bias = getattr(config, "mlp_bias", False)
+    return GatedMLP(config.hidden_size, config.intermediate_size, replicated, bias)
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: types.SimpleNamespace, layer_id: int) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_id)
-        self.mlp = LlamaMLP(config)
+        self.mlp = llama_mlp(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.comm = LayerCommunicator(
+            self.input_layernorm, self.post_attention_layernorm, is_moe=False
+        )
 
     def forward(
         self,
@@ -92,31 +87,19 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         batch: ForwardBatch,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = self.comm.prepare_attn(hidden, residual, batch)
         hidden = self.self_attn(positions, hidden, batch)
-        hidden, residual = self.after_attention(hidden, residual)
-        hidden = self.after_mlp(self.mlp(hidden))
-        return hidden, residual
-
-    # The two communication points of the layer. A communicator that reduce-scatters over
-    # attention-TP and all-gathers before the MLP replaces exactly these.
-    def after_attention(
-        self, hidden: torch.Tensor, residual: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = all_reduce(hidden, "attn_tp")
-        return self.post_attention_layernorm(hidden, residual)
-
-    def after_mlp(self, hidden: torch.Tensor) -> torch.Tensor:
-        return all_reduce(hidden, "tp")
+        hidden, residual, _ = self.comm.prepare_mlp(hidden, residual, batch)
+        return self.comm.postprocess_mlp(self.mlp(hidden), residual, batch)
 
 
 class LlamaModel(nn.Module):
     def __init__(self, config: types.SimpleNamespace) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        # vocab-parallel over attention-TP: each attention-DP group embeds its own rows
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, group="attn_tp"
+        )
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
@@ -126,8 +109,7 @@ class LlamaModel(nn.Module):
         hidden, residual = self.embed_tokens(batch.input_ids), None
         for layer in self.layers:
             hidden, residual = layer(batch.positions, hidden, residual, batch)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return final_norm(self.norm, hidden, residual, batch)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -143,7 +125,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, group="attn_tp")
         if tie_word_embeddings(config):
             self.lm_head.tie(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor()

@@ -1,0 +1,318 @@
+"""DeepSeek-V3 as transformers 5.23 `DeepseekV3ForCausalLM`, managing its own sequence
+parallelism the way SGLang's DeepSeek-V4 does (DESIGN.md, Models).
+
+Every rank of an attention-TP group holds all of the group's rows in the residual stream.
+A decoder layer runs MLA attention head-parallel over attention-TP on all rows, ending in an
+all-reduce. Its MLP then runs in one of two ways, fixed when the layer is built:
+
+- token-parallel (routed experts over all-to-all; dense layers at ``--moe-dense-tp-size 1``):
+  the layer splits the group's real rows (`batch.num_token_non_padded`, always the group's
+  global count for this model) across the attention-TP ranks, unevenly and without padding,
+  runs the post-attention norm and the MLP on its shard, and all-gathers the shards over
+  attention-TP; padding rows come back as zeros.
+- TP-sharded (MoE backend none; dense layers otherwise): every row through the
+  intermediate-sharded MLP, all-reduced over "tp". Under DP attention the layer first
+  gathers every attention-DP group's rows itself (`batch.global_num_tokens`).
+
+So the model never reads `batch.gathered_buffer` and declares ``self_managed_sp=True``.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.communicator import moe_settings
+from engine.distributed import all_gather_uneven, all_reduce, get_parallel
+from engine.forward_batch import ForwardBatch
+from engine.loader import Weights
+from engine.model_config import tie_word_embeddings
+from models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from models.layers.logits import LogitsProcessor
+from models.layers.mla import MLAAttention
+from models.layers.mlp import GatedMLP
+from models.layers.moe import MoE, load_with_experts
+from models.layers.norm import RMSNorm
+from models.layers.router import grouped_topk
+from registry import ParallelCapabilities
+
+
+def shard_sizes(n: int, parts: int) -> list[int]:
+    """Rows of each of `parts` ranks when `n` rows are split as evenly as possible."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+def is_moe_layer(config: types.SimpleNamespace, layer_id: int) -> bool:
+    # transformers ignores moe_layer_freq (always 1 in DeepSeek-V3); SGLang's rule with it
+    freq = getattr(config, "moe_layer_freq", None) or 1
+    return (
+        bool(getattr(config, "n_routed_experts", None))
+        and layer_id >= (getattr(config, "first_k_dense_replace", None) or 0)
+        and layer_id % freq == 0
+    )
+
+
+class DeepseekV3MoE(MoE):
+    """Sigmoid grouped top-k routing with the correction bias, plus the shared experts."""
+
+    def __init__(self, config: types.SimpleNamespace, replicated: bool) -> None:
+        shared = None
+        if getattr(config, "n_shared_experts", None):
+            inter = config.moe_intermediate_size * config.n_shared_experts
+            shared = GatedMLP(config.hidden_size, inter, replicated=replicated)
+        super().__init__(
+            config.hidden_size,
+            config.n_routed_experts,
+            config.moe_intermediate_size,
+            self.route_tokens,
+            shared,
+            logits_fp32=True,
+        )
+        self.top_k = config.num_experts_per_tok
+        self.n_group = getattr(config, "n_group", None) or 1
+        self.topk_group = getattr(config, "topk_group", None) or 1
+        self.scaling = config.routed_scaling_factor
+        self.renormalize = bool(getattr(config, "norm_topk_prob", True))
+        # transformers keeps it in float32 whatever the model dtype
+        bias = torch.zeros(config.n_routed_experts, dtype=torch.float32)
+        self.gate.e_score_correction_bias = nn.Parameter(bias, requires_grad=False)
+
+    def route_tokens(
+        self, logits: torch.Tensor, num_valid: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return grouped_topk(
+            logits,
+            self.top_k,
+            self.n_group,
+            self.topk_group,
+            self.gate.e_score_correction_bias,
+            self.scaling,
+            self.renormalize,
+            num_valid,
+        )
+
+
+class DeepseekV3DecoderLayer(nn.Module):
+    def __init__(self, config: types.SimpleNamespace, layer_id: int) -> None:
+        super().__init__()
+        settings = moe_settings()
+        self.self_attn = MLAAttention(config, layer_id)
+        self.is_moe = is_moe_layer(config, layer_id)
+        if self.is_moe:
+            self.token_parallel = settings.a2a_backend == "all2all"
+            self.mlp = DeepseekV3MoE(config, replicated=self.token_parallel)
+        else:
+            self.token_parallel = settings.dense_tp_size == 1
+            self.mlp = GatedMLP(
+                config.hidden_size, config.intermediate_size, replicated=self.token_parallel
+            )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """The residual stream [rows, hidden], all of the group's rows, in and out."""
+        x = x + self.self_attn(positions, self.input_layernorm(x), batch)
+        if self.token_parallel:
+            return self.mlp_on_token_shard(x, batch.num_token_non_padded)
+        if get_parallel().attn_dp_size > 1:
+            return self.mlp_over_dp_groups(x, batch.global_num_tokens)
+        h = self.run_mlp(self.post_attention_layernorm(x), batch.num_token_non_padded)
+        return x + all_reduce(h, "tp")
+
+    def run_mlp(self, h: torch.Tensor, num_valid: int | None) -> torch.Tensor:
+        return self.mlp(h, num_valid) if self.is_moe else self.mlp(h)
+
+    def mlp_on_token_shard(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """This rank's share of the group's `num_tokens` real rows through the whole MLP,
+        then all-gathered over attention-TP. A shard-local count here would drop the other
+        ranks' rows (SGLang issue #38606), so the engine passes the global one."""
+        p = get_parallel()
+        sizes = shard_sizes(num_tokens, p.attn_tp_size)
+        start = sum(sizes[: p.attn_tp_rank])
+        shard = x[start : start + sizes[p.attn_tp_rank]]
+        shard = shard + self.run_mlp(self.post_attention_layernorm(shard), None)
+        out = all_gather_uneven(shard, sizes, "attn_tp")
+        padding = x.shape[0] - num_tokens
+        return torch.cat([out, out.new_zeros(padding, out.shape[1])]) if padding else out
+
+    def mlp_over_dp_groups(self, x: torch.Tensor, group_rows: list[int]) -> torch.Tensor:
+        """The TP-sharded MLP over every attention-DP group's rows (padding included: only
+        `global_num_tokens` is known of other groups). Each attention-TP rank contributes a
+        slice of its group's rows, so the "tp" gather holds each group's rows once, in
+        group order; after the all-reduce this group's rows are sliced back."""
+        p = get_parallel()
+        if x.shape[0] != group_rows[p.attn_dp_rank]:
+            raise ValueError(
+                f"{x.shape[0]} rows, but global_num_tokens gives this attention-DP group "
+                f"{group_rows[p.attn_dp_rank]}"
+            )
+        sizes = [s for rows in group_rows for s in shard_sizes(rows, p.attn_tp_size)]
+        local = shard_sizes(x.shape[0], p.attn_tp_size)
+        start = sum(local[: p.attn_tp_rank])
+        h = self.post_attention_layernorm(x[start : start + local[p.attn_tp_rank]])
+        h = all_reduce(self.run_mlp(all_gather_uneven(h, sizes, "tp"), None), "tp")
+        offset = sum(group_rows[: p.attn_dp_rank])
+        return x + h[offset : offset + x.shape[0]]
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, config: types.SimpleNamespace) -> None:
+        super().__init__()
+        # Over attention-TP: under DP attention each group embeds and samples its own rows.
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, group="attn_tp"
+        )
+        self.layers = nn.ModuleList(
+            DeepseekV3DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        x = self.embed_tokens(batch.input_ids)
+        for layer in self.layers:
+            x = layer(batch.positions, x, batch)
+        return self.norm(x)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    parallel_capabilities = ParallelCapabilities(self_managed_sp=True)
+    packed_modules_mapping = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, config: types.SimpleNamespace) -> None:
+        super().__init__()
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(
+                f"DeepseekV3ForCausalLM supports hidden_act 'silu' (got {config.hidden_act!r})"
+            )
+        self.config = config
+        self.model = DeepseekV3Model(config)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, group="attn_tp")
+        if tie_word_embeddings(config):
+            self.lm_head.tie(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor()
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [batch.batch_size, vocab] (float32) at `batch.sample_rows`, same on every
+        rank of the attention-TP group."""
+        return self.logits_processor(self.model(batch), self.lm_head, batch)
+
+    def load_weights(self, weights: Weights) -> None:
+        load_with_experts(self, weights, self.packed_modules_mapping)
+
+    def kv_cache_shapes(self) -> list[list[tuple[int, ...]]]:
+        return [layer.self_attn.kv_cache_shapes() for layer in self.model.layers]
+
+    @staticmethod
+    def tiny_config() -> dict[str, Any]:
+        return {
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v3",
+            "vocab_size": 384,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "moe_intermediate_size": 32,
+            "num_hidden_layers": 3,
+            "first_k_dense_replace": 1,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 8,
+            "q_lora_rank": 32,
+            "kv_lora_rank": 32,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 2,
+            "n_group": 2,
+            "topk_group": 1,
+            "norm_topk_prob": True,
+            "routed_scaling_factor": 2.5,
+            "hidden_act": "silu",
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-6,
+            # DeepSeek-V3's yarn: mscale == mscale_all_dim, so cos/sin are unscaled and the
+            # softmax scale takes mscale(factor)**2
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 512,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+            "rope_interleave": True,
+            "attention_bias": False,
+            "tie_word_embeddings": False,
+            "bos_token_id": 256,
+            "eos_token_id": 257,
+            "pad_token_id": None,
+            "dtype": "float32",
+            "torch_dtype": "float32",
+        }
+
+    @staticmethod
+    def checkpoint_shapes(config: types.SimpleNamespace) -> dict[str, tuple[int, ...]]:
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        qk_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        kv_rank, q_rank = config.kv_lora_rank, config.q_lora_rank
+        bias = getattr(config, "attention_bias", False)
+        shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
+        for i in range(config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            if q_rank is None:
+                shapes[a + "q_proj.weight"] = (heads * qk_dim, hidden)
+            else:
+                shapes |= {
+                    a + "q_a_proj.weight": (q_rank, hidden),
+                    a + "q_a_layernorm.weight": (q_rank,),
+                    a + "q_b_proj.weight": (heads * qk_dim, q_rank),
+                }
+                if bias:
+                    shapes[a + "q_a_proj.bias"] = (q_rank,)
+            shapes |= {
+                a + "kv_a_proj_with_mqa.weight": (kv_rank + config.qk_rope_head_dim, hidden),
+                a + "kv_a_layernorm.weight": (kv_rank,),
+                a + "kv_b_proj.weight": (
+                    heads * (config.qk_nope_head_dim + config.v_head_dim),
+                    kv_rank,
+                ),
+                a + "o_proj.weight": (hidden, heads * config.v_head_dim),
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+            }
+            if bias:
+                shapes[a + "kv_a_proj_with_mqa.bias"] = (kv_rank + config.qk_rope_head_dim,)
+                shapes[a + "o_proj.bias"] = (hidden,)
+            if is_moe_layer(config, i):
+                inter, experts = config.moe_intermediate_size, config.n_routed_experts
+                shapes |= {
+                    p + "mlp.gate.weight": (experts, hidden),
+                    p + "mlp.gate.e_score_correction_bias": (experts,),
+                }
+                for e in range(experts):
+                    shapes |= gated_mlp_shapes(f"{p}mlp.experts.{e}.", hidden, inter)
+                if getattr(config, "n_shared_experts", None):
+                    shared = inter * config.n_shared_experts
+                    shapes |= gated_mlp_shapes(p + "mlp.shared_experts.", hidden, shared)
+            else:
+                shapes |= gated_mlp_shapes(p + "mlp.", hidden, config.intermediate_size)
+        shapes["model.norm.weight"] = (hidden,)
+        if not tie_word_embeddings(config):
+            shapes["lm_head.weight"] = (config.vocab_size, hidden)
+        return shapes
+
+
+def gated_mlp_shapes(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, ...]]:
+    return {
+        prefix + "gate_proj.weight": (inter, hidden),
+        prefix + "up_proj.weight": (inter, hidden),
+        prefix + "down_proj.weight": (hidden, inter),
+    }

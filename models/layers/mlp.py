@@ -1,0 +1,52 @@
+"""The gated (SwiGLU) MLP of dense layers and shared experts: TP-sharded or replicated."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.loader import WeightSource
+from models.layers.activation import SiluAndMul
+from models.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+
+
+class ReplicatedMergedLinear(ReplicatedLinear):
+    """Whole [gate | up] on every rank; loads a checkpoint part by its index, like the
+    column-parallel version, so one packed-module mapping serves both."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+        super().__init__(input_size, sum(output_sizes), bias)
+        self.output_sizes = list(output_sizes)
+
+    def weight_loader(self, param: nn.Parameter, source: WeightSource, shard_id: int) -> None:
+        offset, size = sum(self.output_sizes[:shard_id]), self.output_sizes[shard_id]
+        param.data[offset : offset + size].copy_(source.full())
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with parameters `gate_up_proj` and `down_proj`.
+
+    `replicated=False`: intermediate dim sharded over the "tp" group; the output is a
+    partial sum that the caller (the layer communicator) reduces. `replicated=True`
+    (``--moe-dense-tp-size 1``, or shared experts next to all-to-all experts): whole
+    weights on every rank, complete output for whatever rows this rank holds.
+    """
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, replicated: bool, bias: bool = False
+    ) -> None:
+        super().__init__()
+        sizes = [intermediate_size, intermediate_size]
+        if replicated:
+            self.gate_up_proj = ReplicatedMergedLinear(hidden_size, sizes, bias)
+            self.down_proj = ReplicatedLinear(intermediate_size, hidden_size, bias)
+        else:
+            self.gate_up_proj = MergedColumnParallelLinear(hidden_size, sizes, bias)
+            self.down_proj = RowParallelLinear(
+                intermediate_size, hidden_size, bias, reduce_results=False
+            )
+        self.partial = not replicated and self.down_proj.tp_size > 1
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))

@@ -1,0 +1,260 @@
+"""Qwen3-MoE as transformers 5.23 `Qwen3MoeForCausalLM`: GQA attention with per-head q/k
+RMSNorm, softmax top-k routed experts, dense MLP layers where the config says so.
+
+Tensor-parallel through the engine's layer communicator (`engine.communicator`), so it
+declares no capabilities: the plan's attn_tp_gather applies to it as is.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.communicator import LayerCommunicator, ScatterMode, final_norm, mlp_mode
+from engine.forward_batch import ForwardBatch
+from engine.loader import Weights
+from engine.model_config import head_dim, num_kv_heads, rope_parameters, tie_word_embeddings
+from models.layers.attention import Attention
+from models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from models.layers.linear import QKVParallelLinear, RowParallelLinear
+from models.layers.logits import LogitsProcessor
+from models.layers.mlp import GatedMLP
+from models.layers.moe import MoE, load_with_experts
+from models.layers.norm import RMSNorm
+from models.layers.rotary import RotaryEmbedding
+from models.layers.router import softmax_topk
+
+
+def num_experts(config: types.SimpleNamespace) -> int:
+    # transformers saves `num_experts` under its attribute-map name
+    value = getattr(config, "num_experts", None)
+    return int(getattr(config, "num_local_experts", 0) if value is None else value)
+
+
+def is_sparse_layer(config: types.SimpleNamespace, layer_id: int) -> bool:
+    return (
+        layer_id not in (getattr(config, "mlp_only_layers", None) or [])
+        and num_experts(config) > 0
+        and (layer_id + 1) % getattr(config, "decoder_sparse_step", 1) == 0
+    )
+
+
+class Qwen3MoeAttention(nn.Module):
+    def __init__(self, config: types.SimpleNamespace, layer_id: int) -> None:
+        super().__init__()
+        if getattr(config, "use_sliding_window", False):
+            raise ValueError("Qwen3MoeForCausalLM: use_sliding_window is not supported")
+        dim = head_dim(config)
+        bias = getattr(config, "attention_bias", False)
+        eps = getattr(config, "rms_norm_eps", 1e-6)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            dim,
+            config.num_attention_heads,
+            num_kv_heads(config),
+            bias,
+            "attn_tp",
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * dim,
+            config.hidden_size,
+            bias,
+            reduce_results=False,
+            group="attn_tp",
+        )
+        self.q_norm = RMSNorm(dim, eps)
+        self.k_norm = RMSNorm(dim, eps)
+        self.rotary_emb = RotaryEmbedding(
+            dim, rope_parameters(config), config.max_position_embeddings
+        )
+        self.attn = Attention(
+            self.qkv_proj.num_heads, dim, self.qkv_proj.num_kv_heads, dim**-0.5, layer_id
+        )
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """Partial sums over attention-TP ranks; the communicator reduces them."""
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q = self.q_norm(q.reshape(-1, self.attn.num_heads, self.attn.head_dim))
+        k = self.k_norm(k.reshape(-1, self.attn.num_kv_heads, self.attn.head_dim))
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, batch))
+
+
+class Qwen3MoeSparseMoeBlock(MoE):
+    def __init__(self, config: types.SimpleNamespace) -> None:
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(
+                f"Qwen3-MoE experts support hidden_act 'silu' (got {config.hidden_act!r})"
+            )
+        top_k = config.num_experts_per_tok
+        renormalize = bool(getattr(config, "norm_topk_prob", False))
+        super().__init__(
+            config.hidden_size,
+            num_experts(config),
+            config.moe_intermediate_size,
+            route=lambda logits, num_valid: softmax_topk(logits, top_k, renormalize, num_valid),
+        )
+
+
+class Qwen3MoeDecoderLayer(nn.Module):
+    def __init__(self, config: types.SimpleNamespace, layer_id: int) -> None:
+        super().__init__()
+        self.self_attn = Qwen3MoeAttention(config, layer_id)
+        self.is_moe = is_sparse_layer(config, layer_id)
+        if self.is_moe:
+            self.mlp = Qwen3MoeSparseMoeBlock(config)
+        else:
+            replicated = mlp_mode(is_moe=False) is ScatterMode.SCATTERED
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, replicated)
+        eps = getattr(config, "rms_norm_eps", 1e-6)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.comm = LayerCommunicator(
+            self.input_layernorm, self.post_attention_layernorm, self.is_moe
+        )
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, residual = self.comm.prepare_attn(hidden, residual, batch)
+        hidden = self.self_attn(positions, hidden, batch)
+        hidden, residual, num_valid = self.comm.prepare_mlp(hidden, residual, batch)
+        hidden = self.mlp(hidden, num_valid) if self.is_moe else self.mlp(hidden)
+        return self.comm.postprocess_mlp(hidden, residual, batch)
+
+
+class Qwen3MoeModel(nn.Module):
+    def __init__(self, config: types.SimpleNamespace) -> None:
+        super().__init__()
+        # vocab-parallel over attention-TP: each attention-DP group embeds its own rows
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, group="attn_tp"
+        )
+        self.layers = nn.ModuleList(
+            Qwen3MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, getattr(config, "rms_norm_eps", 1e-6))
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(batch.input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(batch.positions, hidden, residual, batch)
+        return final_norm(self.norm, hidden, residual, batch)
+
+
+class Qwen3MoeForCausalLM(nn.Module):
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: types.SimpleNamespace) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen3MoeModel(config)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, group="attn_tp")
+        if tie_word_embeddings(config):
+            self.lm_head.tie(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor()
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [batch.batch_size, vocab] (float32) at `batch.sample_rows`, same on every
+        rank of the attention-TP group."""
+        return self.logits_processor(self.model(batch), self.lm_head, batch)
+
+    def load_weights(self, weights: Weights) -> None:
+        load_with_experts(self, weights, self.packed_modules_mapping)
+
+    def kv_cache_shapes(self) -> list[list[tuple[int, ...]]]:
+        return [layer.self_attn.attn.kv_cache_shapes() for layer in self.model.layers]
+
+    @staticmethod
+    def tiny_config() -> dict[str, Any]:
+        return {
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe",
+            "vocab_size": 384,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "moe_intermediate_size": 32,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 8,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [1],
+            "hidden_act": "silu",
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "attention_bias": False,
+            "tie_word_embeddings": False,
+            "bos_token_id": 256,
+            "eos_token_id": 257,
+            "pad_token_id": None,
+            "dtype": "float32",
+            "torch_dtype": "float32",
+        }
+
+    @staticmethod
+    def checkpoint_shapes(config: types.SimpleNamespace) -> dict[str, tuple[int, ...]]:
+        hidden, dim = config.hidden_size, head_dim(config)
+        q, kv = config.num_attention_heads * dim, num_kv_heads(config) * dim
+        bias = getattr(config, "attention_bias", False)
+        shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
+        for i in range(config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            shapes |= {
+                p + "self_attn.q_proj.weight": (q, hidden),
+                p + "self_attn.k_proj.weight": (kv, hidden),
+                p + "self_attn.v_proj.weight": (kv, hidden),
+                p + "self_attn.o_proj.weight": (hidden, q),
+                p + "self_attn.q_norm.weight": (dim,),
+                p + "self_attn.k_norm.weight": (dim,),
+            }
+            if bias:
+                shapes |= {
+                    p + "self_attn.q_proj.bias": (q,),
+                    p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.bias": (kv,),
+                    p + "self_attn.o_proj.bias": (hidden,),
+                }
+            if is_sparse_layer(config, i):
+                inter = config.moe_intermediate_size
+                shapes[p + "mlp.gate.weight"] = (num_experts(config), hidden)
+                for e in range(num_experts(config)):
+                    shapes |= {
+                        f"{p}mlp.experts.{e}.gate_proj.weight": (inter, hidden),
+                        f"{p}mlp.experts.{e}.up_proj.weight": (inter, hidden),
+                        f"{p}mlp.experts.{e}.down_proj.weight": (hidden, inter),
+                    }
+            else:
+                inter = config.intermediate_size
+                shapes |= {
+                    p + "mlp.gate_proj.weight": (inter, hidden),
+                    p + "mlp.up_proj.weight": (inter, hidden),
+                    p + "mlp.down_proj.weight": (hidden, inter),
+                }
+            shapes |= {
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+            }
+        shapes["model.norm.weight"] = (hidden,)
+        if not tie_word_embeddings(config):
+            shapes["lm_head.weight"] = (config.vocab_size, hidden)
+        return shapes
