@@ -29,12 +29,11 @@ from engine.communicator import moe_settings
 from engine.distributed import all_gather_uneven, all_reduce, get_parallel
 from engine.forward_batch import ForwardBatch
 from engine.loader import Weights
-from engine.model_config import tie_word_embeddings
-from models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from models.layers.logits import LogitsProcessor
-from models.layers.mla import MLAAttention
-from models.layers.mlp import GatedMLP
-from models.layers.moe import MoE, load_with_experts
+from models.causal_lm import CausalLM, causal_lm_shapes
+from models.layers.embedding import VocabParallelEmbedding
+from models.layers.mla import MLAAttention, mla_shapes
+from models.layers.mlp import GatedMLP, gated_mlp_shapes
+from models.layers.moe import MoE, load_with_experts, moe_shapes
 from models.layers.norm import RMSNorm
 from models.layers.router import grouped_topk
 from registry import ParallelCapabilities
@@ -179,27 +178,16 @@ class DeepseekV3Model(nn.Module):
         return self.norm(x)
 
 
-class DeepseekV3ForCausalLM(nn.Module):
+class DeepseekV3ForCausalLM(CausalLM):
     parallel_capabilities = ParallelCapabilities(self_managed_sp=True)
     packed_modules_mapping = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
     def __init__(self, config: types.SimpleNamespace) -> None:
-        super().__init__()
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(
                 f"DeepseekV3ForCausalLM supports hidden_act 'silu' (got {config.hidden_act!r})"
             )
-        self.config = config
-        self.model = DeepseekV3Model(config)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, group="attn_tp")
-        if tie_word_embeddings(config):
-            self.lm_head.tie(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor()
-
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [batch.batch_size, vocab] (float32) at `batch.sample_rows`, same on every
-        rank of the attention-TP group."""
-        return self.logits_processor(self.model(batch), self.lm_head, batch)
+        super().__init__(config, DeepseekV3Model(config))
 
     def load_weights(self, weights: Weights) -> None:
         load_with_experts(self, weights, self.packed_modules_mapping)
@@ -259,60 +247,17 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     @staticmethod
     def checkpoint_shapes(config: types.SimpleNamespace) -> dict[str, tuple[int, ...]]:
-        hidden, heads = config.hidden_size, config.num_attention_heads
-        qk_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
-        kv_rank, q_rank = config.kv_lora_rank, config.q_lora_rank
-        bias = getattr(config, "attention_bias", False)
-        shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
-        for i in range(config.num_hidden_layers):
-            p = f"model.layers.{i}."
-            a = p + "self_attn."
-            if q_rank is None:
-                shapes[a + "q_proj.weight"] = (heads * qk_dim, hidden)
-            else:
-                shapes |= {
-                    a + "q_a_proj.weight": (q_rank, hidden),
-                    a + "q_a_layernorm.weight": (q_rank,),
-                    a + "q_b_proj.weight": (heads * qk_dim, q_rank),
-                }
-                if bias:
-                    shapes[a + "q_a_proj.bias"] = (q_rank,)
-            shapes |= {
-                a + "kv_a_proj_with_mqa.weight": (kv_rank + config.qk_rope_head_dim, hidden),
-                a + "kv_a_layernorm.weight": (kv_rank,),
-                a + "kv_b_proj.weight": (
-                    heads * (config.qk_nope_head_dim + config.v_head_dim),
-                    kv_rank,
-                ),
-                a + "o_proj.weight": (hidden, heads * config.v_head_dim),
-                p + "input_layernorm.weight": (hidden,),
-                p + "post_attention_layernorm.weight": (hidden,),
-            }
-            if bias:
-                shapes[a + "kv_a_proj_with_mqa.bias"] = (kv_rank + config.qk_rope_head_dim,)
-                shapes[a + "o_proj.bias"] = (hidden,)
-            if is_moe_layer(config, i):
-                inter, experts = config.moe_intermediate_size, config.n_routed_experts
-                shapes |= {
-                    p + "mlp.gate.weight": (experts, hidden),
-                    p + "mlp.gate.e_score_correction_bias": (experts,),
-                }
-                for e in range(experts):
-                    shapes |= gated_mlp_shapes(f"{p}mlp.experts.{e}.", hidden, inter)
-                if getattr(config, "n_shared_experts", None):
-                    shared = inter * config.n_shared_experts
-                    shapes |= gated_mlp_shapes(p + "mlp.shared_experts.", hidden, shared)
-            else:
-                shapes |= gated_mlp_shapes(p + "mlp.", hidden, config.intermediate_size)
-        shapes["model.norm.weight"] = (hidden,)
-        if not tie_word_embeddings(config):
-            shapes["lm_head.weight"] = (config.vocab_size, hidden)
-        return shapes
+        hidden, attn = config.hidden_size, mla_shapes(config, "self_attn.")
 
+        def layer(i: int) -> dict[str, tuple[int, ...]]:
+            if not is_moe_layer(config, i):
+                return attn | gated_mlp_shapes("mlp.", hidden, config.intermediate_size)
+            inter, experts = config.moe_intermediate_size, config.n_routed_experts
+            shapes = attn | moe_shapes("mlp.", hidden, experts, inter)
+            shapes["mlp.gate.e_score_correction_bias"] = (experts,)
+            if getattr(config, "n_shared_experts", None):
+                shared = inter * config.n_shared_experts
+                shapes |= gated_mlp_shapes("mlp.shared_experts.", hidden, shared)
+            return shapes
 
-def gated_mlp_shapes(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, ...]]:
-    return {
-        prefix + "gate_proj.weight": (inter, hidden),
-        prefix + "up_proj.weight": (inter, hidden),
-        prefix + "down_proj.weight": (hidden, inter),
-    }
+        return causal_lm_shapes(config, layer)

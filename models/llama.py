@@ -11,12 +11,12 @@ from torch import nn
 from engine.communicator import LayerCommunicator, ScatterMode, final_norm, mlp_mode
 from engine.forward_batch import ForwardBatch
 from engine.loader import Weights, load_params
-from engine.model_config import head_dim, num_kv_heads, rope_parameters, tie_word_embeddings
+from engine.model_config import head_dim, num_kv_heads, rope_parameters
+from models.causal_lm import CausalLM, causal_lm_shapes
 from models.layers.attention import Attention
-from models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from models.layers.linear import QKVParallelLinear, RowParallelLinear
-from models.layers.logits import LogitsProcessor
-from models.layers.mlp import GatedMLP
+from models.layers.embedding import VocabParallelEmbedding
+from models.layers.linear import QKVParallelLinear, RowParallelLinear, linear_shapes
+from models.layers.mlp import GatedMLP, gated_mlp_shapes
 from models.layers.norm import RMSNorm
 from models.layers.rotary import RotaryEmbedding
 
@@ -57,6 +57,21 @@ class LlamaAttention(nn.Module):
         k = k.view(-1, self.attn.num_kv_heads, self.attn.head_dim)
         q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, batch))
+
+
+def llama_attention_shapes(
+    config: types.SimpleNamespace, prefix: str
+) -> dict[str, tuple[int, ...]]:
+    """The checkpoint tensors of `LlamaAttention` named `prefix`: q/k/v/o_proj."""
+    hidden, dim = config.hidden_size, head_dim(config)
+    q, kv = config.num_attention_heads * dim, num_kv_heads(config) * dim
+    bias = getattr(config, "attention_bias", False)
+    return (
+        linear_shapes(prefix + "q_proj.", hidden, q, bias)
+        | linear_shapes(prefix + "k_proj.", hidden, kv, bias)
+        | linear_shapes(prefix + "v_proj.", hidden, kv, bias)
+        | linear_shapes(prefix + "o_proj.", q, hidden, bias)
+    )
 
 
 def llama_mlp(config: types.SimpleNamespace) -> GatedMLP:
@@ -112,7 +127,7 @@ class LlamaModel(nn.Module):
         return final_norm(self.norm, hidden, residual, batch)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
@@ -122,17 +137,7 @@ class LlamaForCausalLM(nn.Module):
     }
 
     def __init__(self, config: types.SimpleNamespace) -> None:
-        super().__init__()
-        self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, group="attn_tp")
-        if tie_word_embeddings(config):
-            self.lm_head.tie(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor()
-
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [batch.batch_size, vocab] (float32) at `batch.sample_rows`, same on every rank."""
-        return self.logits_processor(self.model(batch), self.lm_head, batch)
+        super().__init__(config, LlamaModel(config))
 
     def load_weights(self, weights: Weights) -> None:
         load_params(self, weights, self.packed_modules_mapping)
@@ -168,38 +173,7 @@ class LlamaForCausalLM(nn.Module):
 
     @staticmethod
     def checkpoint_shapes(config: types.SimpleNamespace) -> dict[str, tuple[int, ...]]:
-        hidden, inter, dim = config.hidden_size, config.intermediate_size, head_dim(config)
-        q, kv = config.num_attention_heads * dim, num_kv_heads(config) * dim
-        attention_bias = getattr(config, "attention_bias", False)
-        mlp_bias = getattr(config, "mlp_bias", False)
-        shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
-        for i in range(config.num_hidden_layers):
-            p = f"model.layers.{i}."
-            shapes |= {
-                p + "self_attn.q_proj.weight": (q, hidden),
-                p + "self_attn.k_proj.weight": (kv, hidden),
-                p + "self_attn.v_proj.weight": (kv, hidden),
-                p + "self_attn.o_proj.weight": (hidden, q),
-                p + "mlp.gate_proj.weight": (inter, hidden),
-                p + "mlp.up_proj.weight": (inter, hidden),
-                p + "mlp.down_proj.weight": (hidden, inter),
-                p + "input_layernorm.weight": (hidden,),
-                p + "post_attention_layernorm.weight": (hidden,),
-            }
-            if attention_bias:
-                shapes |= {
-                    p + "self_attn.q_proj.bias": (q,),
-                    p + "self_attn.k_proj.bias": (kv,),
-                    p + "self_attn.v_proj.bias": (kv,),
-                    p + "self_attn.o_proj.bias": (hidden,),
-                }
-            if mlp_bias:
-                shapes |= {
-                    p + "mlp.gate_proj.bias": (inter,),
-                    p + "mlp.up_proj.bias": (inter,),
-                    p + "mlp.down_proj.bias": (hidden,),
-                }
-        shapes["model.norm.weight"] = (hidden,)
-        if not tie_word_embeddings(config):
-            shapes["lm_head.weight"] = (config.vocab_size, hidden)
-        return shapes
+        hidden, inter = config.hidden_size, config.intermediate_size
+        mlp = gated_mlp_shapes("mlp.", hidden, inter, getattr(config, "mlp_bias", False))
+        layer = llama_attention_shapes(config, "self_attn.") | mlp
+        return causal_lm_shapes(config, lambda i: layer)

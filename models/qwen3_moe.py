@@ -16,16 +16,14 @@ from torch import nn
 from engine.communicator import LayerCommunicator, ScatterMode, final_norm, mlp_mode
 from engine.forward_batch import ForwardBatch
 from engine.loader import Weights
-from engine.model_config import head_dim, num_kv_heads, rope_parameters, tie_word_embeddings
-from models.layers.attention import Attention
-from models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from models.layers.linear import QKVParallelLinear, RowParallelLinear
-from models.layers.logits import LogitsProcessor
-from models.layers.mlp import GatedMLP
-from models.layers.moe import MoE, load_with_experts
+from engine.model_config import head_dim
+from models.causal_lm import CausalLM, causal_lm_shapes
+from models.layers.embedding import VocabParallelEmbedding
+from models.layers.mlp import GatedMLP, gated_mlp_shapes
+from models.layers.moe import MoE, load_with_experts, moe_shapes
 from models.layers.norm import RMSNorm
-from models.layers.rotary import RotaryEmbedding
 from models.layers.router import softmax_topk
+from models.llama import LlamaAttention, llama_attention_shapes
 
 
 def num_experts(config: types.SimpleNamespace) -> int:
@@ -42,37 +40,16 @@ def is_sparse_layer(config: types.SimpleNamespace, layer_id: int) -> bool:
     )
 
 
-class Qwen3MoeAttention(nn.Module):
+class Qwen3MoeAttention(LlamaAttention):
+    """Llama's attention with an RMSNorm over each q and k head before RoPE."""
+
     def __init__(self, config: types.SimpleNamespace, layer_id: int) -> None:
-        super().__init__()
         if getattr(config, "use_sliding_window", False):
             raise ValueError("Qwen3MoeForCausalLM: use_sliding_window is not supported")
-        dim = head_dim(config)
-        bias = getattr(config, "attention_bias", False)
-        eps = getattr(config, "rms_norm_eps", 1e-6)
-        self.qkv_proj = QKVParallelLinear(
-            config.hidden_size,
-            dim,
-            config.num_attention_heads,
-            num_kv_heads(config),
-            bias,
-            "attn_tp",
-        )
-        self.o_proj = RowParallelLinear(
-            config.num_attention_heads * dim,
-            config.hidden_size,
-            bias,
-            reduce_results=False,
-            group="attn_tp",
-        )
+        super().__init__(config, layer_id)
+        dim, eps = head_dim(config), getattr(config, "rms_norm_eps", 1e-6)
         self.q_norm = RMSNorm(dim, eps)
         self.k_norm = RMSNorm(dim, eps)
-        self.rotary_emb = RotaryEmbedding(
-            dim, rope_parameters(config), config.max_position_embeddings
-        )
-        self.attn = Attention(
-            self.qkv_proj.num_heads, dim, self.qkv_proj.num_kv_heads, dim**-0.5, layer_id
-        )
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch
@@ -151,7 +128,7 @@ class Qwen3MoeModel(nn.Module):
         return final_norm(self.norm, hidden, residual, batch)
 
 
-class Qwen3MoeForCausalLM(nn.Module):
+class Qwen3MoeForCausalLM(CausalLM):
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
@@ -161,18 +138,7 @@ class Qwen3MoeForCausalLM(nn.Module):
     }
 
     def __init__(self, config: types.SimpleNamespace) -> None:
-        super().__init__()
-        self.config = config
-        self.model = Qwen3MoeModel(config)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, group="attn_tp")
-        if tie_word_embeddings(config):
-            self.lm_head.tie(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor()
-
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [batch.batch_size, vocab] (float32) at `batch.sample_rows`, same on every
-        rank of the attention-TP group."""
-        return self.logits_processor(self.model(batch), self.lm_head, batch)
+        super().__init__(config, Qwen3MoeModel(config))
 
     def load_weights(self, weights: Weights) -> None:
         load_with_experts(self, weights, self.packed_modules_mapping)
@@ -214,47 +180,15 @@ class Qwen3MoeForCausalLM(nn.Module):
     @staticmethod
     def checkpoint_shapes(config: types.SimpleNamespace) -> dict[str, tuple[int, ...]]:
         hidden, dim = config.hidden_size, head_dim(config)
-        q, kv = config.num_attention_heads * dim, num_kv_heads(config) * dim
-        bias = getattr(config, "attention_bias", False)
-        shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
-        for i in range(config.num_hidden_layers):
-            p = f"model.layers.{i}."
-            shapes |= {
-                p + "self_attn.q_proj.weight": (q, hidden),
-                p + "self_attn.k_proj.weight": (kv, hidden),
-                p + "self_attn.v_proj.weight": (kv, hidden),
-                p + "self_attn.o_proj.weight": (hidden, q),
-                p + "self_attn.q_norm.weight": (dim,),
-                p + "self_attn.k_norm.weight": (dim,),
-            }
-            if bias:
-                shapes |= {
-                    p + "self_attn.q_proj.bias": (q,),
-                    p + "self_attn.k_proj.bias": (kv,),
-                    p + "self_attn.v_proj.bias": (kv,),
-                    p + "self_attn.o_proj.bias": (hidden,),
-                }
+        attn = llama_attention_shapes(config, "self_attn.") | {
+            "self_attn.q_norm.weight": (dim,),
+            "self_attn.k_norm.weight": (dim,),
+        }
+
+        def layer(i: int) -> dict[str, tuple[int, ...]]:
             if is_sparse_layer(config, i):
                 inter = config.moe_intermediate_size
-                shapes[p + "mlp.gate.weight"] = (num_experts(config), hidden)
-                for e in range(num_experts(config)):
-                    shapes |= {
-                        f"{p}mlp.experts.{e}.gate_proj.weight": (inter, hidden),
-                        f"{p}mlp.experts.{e}.up_proj.weight": (inter, hidden),
-                        f"{p}mlp.experts.{e}.down_proj.weight": (hidden, inter),
-                    }
-            else:
-                inter = config.intermediate_size
-                shapes |= {
-                    p + "mlp.gate_proj.weight": (inter, hidden),
-                    p + "mlp.up_proj.weight": (inter, hidden),
-                    p + "mlp.down_proj.weight": (hidden, inter),
-                }
-            shapes |= {
-                p + "input_layernorm.weight": (hidden,),
-                p + "post_attention_layernorm.weight": (hidden,),
-            }
-        shapes["model.norm.weight"] = (hidden,)
-        if not tie_word_embeddings(config):
-            shapes["lm_head.weight"] = (config.vocab_size, hidden)
-        return shapes
+                return attn | moe_shapes("mlp.", hidden, num_experts(config), inter)
+            return attn | gated_mlp_shapes("mlp.", hidden, config.intermediate_size)
+
+        return causal_lm_shapes(config, layer)

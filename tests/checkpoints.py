@@ -16,6 +16,31 @@ from engine.forward_batch import ForwardBatch, ForwardMode
 from engine.kv_cache import SINK_SLOT, KVPool, ReqToTokenPool
 from models.layers.attention import TorchAttentionBackend
 
+# transformers configs of tiny Llamas: LLAMA_H64 for the reference and engine tests, which add
+# their cases to it; LLAMA_H32 (GQA) for the loader and CLI tests
+LLAMA_H64 = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 384,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-5,
+}
+LLAMA_H32 = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 300,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
 
 def save_tiny_checkpoint(
     tmp_path: Path,

@@ -1,9 +1,11 @@
-"""Shared by the engine's runtime tests: launches, the CLI as a subprocess, process checks."""
+"""Shared by the engine's runtime tests: launches, the CLI as a subprocess, process checks,
+free ports for spawned gloo ranks."""
 
 from __future__ import annotations
 
 import functools
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +38,12 @@ def generate(
 def cached_generate(argv: tuple[str, ...], prompts: tuple, params: tuple) -> tuple:
     """`generate` once per distinct launch within a test session."""
     return generate(argv, [list(p) for p in prompts], list(params))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def gone(pid: int) -> bool:

@@ -4,8 +4,6 @@ model gets (never for a self-managed one: SGLang issue #38606)."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -29,6 +27,7 @@ from engine.distributed import (
 )
 from engine.forward_batch import ForwardBatch, ForwardMode
 from engine.model_runner import num_token_non_padded
+from tests.engine_helpers import free_port
 
 HIDDEN = 4
 
@@ -167,12 +166,6 @@ def worker(rank: int, ports: tuple[int, int]) -> None:
                 check_case(*case)
         finally:
             destroy_parallel()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

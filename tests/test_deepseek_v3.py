@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import types
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from tests.checkpoints import (
     reference_greedy,
     save_tiny_checkpoint,
 )
-from tests.engine_helpers import run_cli
+from tests.engine_helpers import free_port, run_cli
 
 ARCH = "DeepseekV3ForCausalLM"
 BASE = {
@@ -299,12 +298,6 @@ SHARD_IDS = list(b"sharded")  # 7 real rows, padded to 8 as `--attn-tp-gather on
 def final_hidden(model: DeepseekV3ForCausalLM, count: int) -> torch.Tensor:
     with torch.inference_mode():
         return model.model(prefill(model, SHARD_IDS, 8, count))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shard_count_worker(rank: int, port: int, out_dir: str) -> None:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import engine.launcher
 from engine.generate import main
 from registry import explain
-from tests.checkpoints import save_tiny_checkpoint
+from tests.checkpoints import LLAMA_H32, save_tiny_checkpoint
 from tests.engine_helpers import run_cli, server_args
 
 KEYS = {"output_ids", "output_logprobs", "text"}
@@ -129,18 +129,7 @@ def test_refused_plan_exits_2_with_one_line():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": 300,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-    }
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("cli"), config)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("cli"), LLAMA_H32)
 
 
 @pytest.mark.slow

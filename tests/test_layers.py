@@ -94,6 +94,15 @@ def test_inv_freq_and_attention_factor_match_transformers(case):
     assert factor == pytest.approx(expected[1], rel=1e-12)
 
 
+def assert_rotary_matches(ours, hf_rope, hf_apply, positions, q, k):
+    """`ours` on q/k [rows, heads, dim] against transformers' cos/sin and apply function."""
+    cos, sin = hf_rope(q, positions[None])
+    hf_q, hf_k = hf_apply(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    our_q, our_k = ours(positions, q, k)
+    torch.testing.assert_close(our_q, hf_q[0].transpose(0, 1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(our_k, hf_k[0].transpose(0, 1), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", ROPE_CASES)
 def test_rotary_matches_transformers_apply(case):
     config = hf_llama_config(ROPE_CASES[case])
@@ -103,13 +112,7 @@ def test_rotary_matches_transformers_apply(case):
     positions = torch.tensor([0, 1, 7, 31, 100, 255])
     q = torch.randn(len(positions), 4, HEAD_DIM, generator=generator)
     k = torch.randn(len(positions), 2, HEAD_DIM, generator=generator)
-    cos, sin = hf_rope(q, positions[None])
-    hf_q, hf_k = hf_llama.apply_rotary_pos_emb(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin
-    )
-    our_q, our_k = ours(positions, q, k)
-    torch.testing.assert_close(our_q, hf_q[0].transpose(0, 1), rtol=0, atol=1e-6)
-    torch.testing.assert_close(our_k, hf_k[0].transpose(0, 1), rtol=0, atol=1e-6)
+    assert_rotary_matches(ours, hf_rope, hf_llama.apply_rotary_pos_emb, positions, q, k)
 
 
 def test_dynamic_rope_rescales_past_max_position():
@@ -149,13 +152,8 @@ def test_deepseek_interleaved_yarn_matches_transformers():
     positions = torch.tensor([0, 3, 64, 200])
     q = torch.randn(4, 4, 8, generator=generator)
     k = torch.randn(4, 1, 8, generator=generator)
-    cos, sin = hf_rope(q, positions[None])
-    hf_q, hf_k = hf_deepseek.apply_rotary_pos_emb_interleave(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin
-    )
-    our_q, our_k = ours(positions, q, k)
-    torch.testing.assert_close(our_q, hf_q[0].transpose(0, 1), rtol=0, atol=1e-6)
-    torch.testing.assert_close(our_k, hf_k[0].transpose(0, 1), rtol=0, atol=1e-6)
+    apply = hf_deepseek.apply_rotary_pos_emb_interleave
+    assert_rotary_matches(ours, hf_rope, apply, positions, q, k)
     scale = 24**-0.5
     assert yarn_softmax_scale(config.rope_parameters, scale) == pytest.approx(
         hf_deepseek.yarn_apply_mscale(config.rope_parameters, scale)

@@ -10,22 +10,11 @@ import pytest
 
 from engine.llm_engine import LLMEngine
 from engine.sequence import SamplingParams
-from tests.checkpoints import load_reference, reference_greedy, save_tiny_checkpoint
+from tests.checkpoints import LLAMA_H64, load_reference, reference_greedy, save_tiny_checkpoint
 from tests.engine_helpers import assert_close, cached_generate, generate, gone, server_args
 
 pytestmark = pytest.mark.slow
 
-BASE = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 384,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "max_position_embeddings": 128,
-    "rms_norm_eps": 1e-5,
-}
 CASES = {
     "gqa-untied": {"num_key_value_heads": 2},
     "gqa-tied": {"num_key_value_heads": 2, "tie_word_embeddings": True, "head_dim": 8},
@@ -40,7 +29,7 @@ def checkpoints(tmp_path_factory):
     """Per case: the checkpoint and transformers' greedy tokens and logprobs per prompt."""
     root, out = tmp_path_factory.mktemp("llama-engine"), {}
     for name, extra in CASES.items():
-        path = save_tiny_checkpoint(root / name, {**BASE, **extra}, seed=3)
+        path = save_tiny_checkpoint(root / name, {**LLAMA_H64, **extra}, seed=3)
         model = load_reference(path)
         out[name] = (path, [reference_greedy(model, p, STEPS) for p in PROMPTS])
     return out

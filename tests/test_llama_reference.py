@@ -1,4 +1,3 @@
-import socket
 import types
 from pathlib import Path
 
@@ -14,23 +13,14 @@ from engine.model_config import config_from_dict, load_config
 from models.layers.attention import TorchAttentionBackend
 from models.llama import LlamaForCausalLM
 from tests.checkpoints import (
+    LLAMA_H64,
     load_reference,
     parcap_greedy,
     reference_greedy,
     save_tiny_checkpoint,
 )
+from tests.engine_helpers import free_port
 
-BASE = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 384,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "max_position_embeddings": 128,
-    "rms_norm_eps": 1e-5,
-}
 CASES = {
     "gqa-untied": {"num_key_value_heads": 2},
     "tied-bias-headdim": {
@@ -73,7 +63,7 @@ def checkpoint_dir(tmp_path_factory):
     def path(case: str, **extra) -> Path:
         key = (case, *sorted(extra.items()))
         if key not in saved:
-            config = {**BASE, **CASES[case], **extra}
+            config = {**LLAMA_H64, **CASES[case], **extra}
             saved[key] = save_tiny_checkpoint(root / str(len(saved)), config, seed=1)
         return saved[key]
 
@@ -127,12 +117,6 @@ def test_tiny_config_builds_a_transformers_llama_and_decodes_varied_tokens():
     tokens, logprobs, _ = parcap_greedy(model, [list(b"Hello, world")], 24)
     assert len(set(tokens[0])) > 8
     assert all(lp > -5.0 for lp in logprobs[0])  # well above uniform over 384 tokens (-5.95)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tp_worker(rank: int, port: int, jobs: list[tuple[str, str | None]], out_dir: str) -> None:

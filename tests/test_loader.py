@@ -23,26 +23,14 @@ from engine.loader import (
 from engine.model_config import checkpoint_dtype, config_from_dict, head_dim, load_config
 from models.layers.linear import ColumnParallelLinear, RowParallelLinear
 from models.llama import LlamaForCausalLM
-from tests.checkpoints import parcap_greedy, save_tiny_checkpoint
-
-HF_CONFIG = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 300,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
+from tests.checkpoints import LLAMA_H32, parcap_greedy, save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    single = save_tiny_checkpoint(root / "single", HF_CONFIG, seed=3)
-    sharded = save_tiny_checkpoint(root / "sharded", HF_CONFIG, seed=3, max_shard_size="40KB")
+    single = save_tiny_checkpoint(root / "single", LLAMA_H32, seed=3)
+    sharded = save_tiny_checkpoint(root / "sharded", LLAMA_H32, seed=3, max_shard_size="40KB")
     return single, sharded
 
 
@@ -127,7 +115,7 @@ def test_unused_buffers_and_tied_lm_head_are_skipped(tmp_path, checkpoints):
     weights.append(("model.layers.0.self_attn.rotary_emb.inv_freq", TensorSource(torch.zeros(4))))
     load_model(new_model(checkpoints[0]), weights)
 
-    tied = save_tiny_checkpoint(tmp_path, {**HF_CONFIG, "tie_word_embeddings": True}, seed=4)
+    tied = save_tiny_checkpoint(tmp_path, {**LLAMA_H32, "tie_word_embeddings": True}, seed=4)
     names = tensors(tied)
     assert "lm_head.weight" not in names
     model = new_model(tied)

@@ -3,7 +3,6 @@ all2all) on real gloo ranks against the single-process layer."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from engine.distributed import all_reduce, destroy_parallel, init_parallel
 from engine.loader import TensorSource
 from models.layers.moe import MoE, load_with_experts
 from models.layers.router import grouped_topk, softmax_topk
+from tests.engine_helpers import free_port
 
 HIDDEN, EXPERTS, INTER, TOP_K = 32, 8, 16, 2
 
@@ -134,12 +134,6 @@ def moe_worker(rank: int, port: int, out_dir: str) -> None:
         torch.save({"none": full, "a2a": mine}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         destroy_parallel()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_expert_backends_match_single_process(tmp_path):

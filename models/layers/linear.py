@@ -20,6 +20,16 @@ def group_rank_size(group: str) -> tuple[int, int]:
     raise ValueError(f"'group' must be 'tp' or 'attn_tp' (got {group!r})")
 
 
+def linear_shapes(
+    prefix: str, input_size: int, output_size: int, bias: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """The checkpoint tensors of one (unsharded) linear layer named `prefix`."""
+    shapes = {prefix + "weight": (output_size, input_size)}
+    if bias:
+        shapes[prefix + "bias"] = (output_size,)
+    return shapes
+
+
 def divide(total: int, parts: int, what: str) -> int:
     if total % parts:
         raise ValueError(f"{what} ({total}) must be divisible by the TP size ({parts})")

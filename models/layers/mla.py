@@ -22,7 +22,12 @@ from torch import nn
 
 from engine.forward_batch import ForwardBatch
 from engine.model_config import rope_parameters
-from models.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from models.layers.linear import (
+    ColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    linear_shapes,
+)
 from models.layers.norm import RMSNorm
 from models.layers.rotary import RotaryEmbedding, yarn_softmax_scale
 
@@ -100,6 +105,30 @@ class MLAAttention(nn.Module):
             o_latent = torch_mla(q_latent, q_pe, self, batch)
         out = torch.einsum("rhc,hvc->rhv", o_latent, w_uv)
         return self.o_proj(out.reshape(rows, self.num_heads * self.v_dim))
+
+
+def mla_shapes(config: types.SimpleNamespace, prefix: str) -> dict[str, tuple[int, ...]]:
+    """The checkpoint tensors of `MLAAttention` named `prefix` (``attention_bias`` gives
+    only the replicated down-projections and `o_proj` a bias, as in transformers)."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    bias = getattr(config, "attention_bias", False)
+    nope, rope, v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+    q_rank, kv_rank = config.q_lora_rank, config.kv_lora_rank
+    if q_rank is None:
+        shapes = linear_shapes(prefix + "q_proj.", hidden, heads * (nope + rope))
+    else:
+        shapes = (
+            linear_shapes(prefix + "q_a_proj.", hidden, q_rank, bias)
+            | {prefix + "q_a_layernorm.weight": (q_rank,)}
+            | linear_shapes(prefix + "q_b_proj.", q_rank, heads * (nope + rope))
+        )
+    return (
+        shapes
+        | linear_shapes(prefix + "kv_a_proj_with_mqa.", hidden, kv_rank + rope, bias)
+        | {prefix + "kv_a_layernorm.weight": (kv_rank,)}
+        | linear_shapes(prefix + "kv_b_proj.", kv_rank, heads * (nope + v_dim))
+        | linear_shapes(prefix + "o_proj.", heads * v_dim, hidden, bias)
+    )
 
 
 def torch_mla(

@@ -7,7 +7,12 @@ from torch import nn
 
 from engine.loader import WeightSource
 from models.layers.activation import SiluAndMul
-from models.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from models.layers.linear import (
+    MergedColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    linear_shapes,
+)
 
 
 class ReplicatedMergedLinear(ReplicatedLinear):
@@ -50,3 +55,14 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+def gated_mlp_shapes(
+    prefix: str, hidden_size: int, intermediate_size: int, bias: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """The checkpoint tensors of a gated MLP named `prefix`: gate_proj, up_proj, down_proj."""
+    return (
+        linear_shapes(prefix + "gate_proj.", hidden_size, intermediate_size, bias)
+        | linear_shapes(prefix + "up_proj.", hidden_size, intermediate_size, bias)
+        | linear_shapes(prefix + "down_proj.", intermediate_size, hidden_size, bias)
+    )

@@ -28,6 +28,7 @@ from engine.distributed import all_to_all
 from engine.loader import CheckpointError, Weights, WeightSource, load_params
 from models.layers.fused_moe import fused_experts
 from models.layers.linear import ReplicatedLinear, divide, group_rank_size
+from models.layers.mlp import gated_mlp_shapes
 
 BACKENDS = ("none", "all2all")
 # (rows' float32 gate logits, num_valid) -> (topk_weights, topk_ids); see models.layers.router
@@ -164,6 +165,17 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)
         return out
+
+
+def moe_shapes(
+    prefix: str, hidden_size: int, num_experts: int, intermediate_size: int
+) -> dict[str, tuple[int, ...]]:
+    """The checkpoint tensors of `MoE`'s gate and routed experts (one gated MLP each) under
+    `prefix`; shared experts and router extras are the model's."""
+    shapes = {prefix + "gate.weight": (num_experts, hidden_size)}
+    for e in range(num_experts):
+        shapes |= gated_mlp_shapes(f"{prefix}experts.{e}.", hidden_size, intermediate_size)
+    return shapes
 
 
 def load_with_experts(

@@ -1,0 +1,55 @@
+"""What the causal LMs share around their decoder stacks: the LM head on top of `model`,
+and the checkpoint names of ``model.embed_tokens``, ``model.layers.{i}``, ``model.norm``
+and ``lm_head``."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from engine.forward_batch import ForwardBatch
+from engine.model_config import tie_word_embeddings
+from models.layers.embedding import ParallelLMHead
+from models.layers.logits import LogitsProcessor
+
+
+class CausalLM(nn.Module):
+    """`model` (with `embed_tokens`) under a vocab-parallel LM head over attention-TP (under
+    DP attention each group samples its own rows), tied to the embedding when the config
+    says so."""
+
+    def __init__(self, config: types.SimpleNamespace, model: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.model = model
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, group="attn_tp")
+        if tie_word_embeddings(config):
+            self.lm_head.tie(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor()
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [batch.batch_size, vocab] (float32) at `batch.sample_rows`, same on every
+        rank of the attention-TP group."""
+        return self.logits_processor(self.model(batch), self.lm_head, batch)
+
+
+def causal_lm_shapes(
+    config: types.SimpleNamespace, layer_shapes: Callable[[int], dict[str, tuple[int, ...]]]
+) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor of the model: `layer_shapes(i)` gives decoder layer i's
+    attention and MLP tensors, named within the layer ("self_attn.…", "mlp.…"); its two
+    norms, the embedding, the final norm and the untied LM head are added here."""
+    hidden = config.hidden_size
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + name: shape for name, shape in layer_shapes(i).items()}
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    if not tie_word_embeddings(config):
+        shapes["lm_head.weight"] = (config.vocab_size, hidden)
+    return shapes
