@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -168,7 +169,9 @@ def host_sync(forward: Forward, batch: ForwardBatch) -> str | None:
     batch.attn_backend.prepare_graph(batch)
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
+    with warnings.catch_warnings():  # "a prototype feature": it is used as a probe only
+        warnings.simplefilter("ignore", UserWarning)
+        torch.cuda.set_sync_debug_mode("error")
     try:
         forward(batch)
     except RuntimeError as e:

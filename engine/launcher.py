@@ -170,14 +170,14 @@ def describe_exit(rank: int, code: int) -> str:
     return f"rank {rank}: exited with code {code}"
 
 
-class _StampedOutbox:
-    """An in-process outbox that notes when each message was sent."""
+class _ListOutbox:
+    """An in-process outbox: the messages, in order."""
 
     def __init__(self) -> None:
-        self.items: list[tuple[float, tuple]] = []
+        self.items: list[tuple] = []
 
     def put(self, msg: tuple) -> None:
-        self.items.append((time.monotonic(), msg))
+        self.items.append(msg)
 
 
 def run_torchrun(
@@ -195,7 +195,7 @@ def run_torchrun(
     groups = launch.plan.attn_dp_size
     group = rank // launch.plan.attn_tp_size
     requests = [Request.make(i, p, params, launch.args.seed) for i, p in enumerate(prompts)]
-    inbox, outbox = queue.Queue(), _StampedOutbox()
+    inbox, outbox = queue.Queue(), _ListOutbox()
     inbox.put(Submit(tuple(r for r in requests if r.rid % groups == group), len(requests)))
     inbox.put(CLOSE)
     try:
@@ -205,10 +205,11 @@ def run_torchrun(
     except Exception as e:
         raise RankError(failure_line(rank, e)) from e
     results: dict[int, Result] = {}
-    for when, (kind, *body) in outbox.items:
+    for kind, *body in outbox.items:
         if kind == "events":
-            for event in body[0]:
-                results.setdefault(event.rid, Result(start)).add(event, when)
+            events, sampled = body
+            for event in events:
+                results.setdefault(event.rid, Result(start)).add(event, sampled)
     everyone = gather_object(results if worker.leader else {})
     counters = worker.counters()
     destroy_parallel()

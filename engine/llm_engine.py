@@ -218,17 +218,17 @@ class LLMEngine:
         ranks = self._ranks
         while True:
             messages = ranks.receive(timeout=0.1)
-            now = time.monotonic()
             for kind, *body in messages:
                 if kind == "ready":
                     self._ready.add(body[0])
                     if len(self._ready) == len(ranks.procs):
                         self._loaded.set()
                 elif kind == "events":
+                    events, sampled = body
                     with self._lock:
-                        for event in body[0]:
-                            self._record(event, now)
-                    for event in body[0]:
+                        for event in events:
+                            self._record(event, sampled)
+                    for event in events:
                         self._events.put(event)
                 elif kind == "counters":
                     with self._lock:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import types
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 from attrs import frozen
 
@@ -86,10 +88,21 @@ def num_token_non_padded(
     return min(max(n - attn_tp_rank * shard, 0), shard)
 
 
-def attention_backend(device: torch.device) -> object:
-    """The attention implementation for `device` (FlashInfer joins here for cuda)."""
+def attention_backend(
+    model: torch.nn.Module, device: torch.device, dtype: torch.dtype, max_slots: int
+) -> object:
+    """FlashInfer on CUDA where it serves the model's attention layers (decode then runs in
+    CUDA graphs); the torch backend otherwise. `max_slots` bounds the KV slots one graph
+    step reads (the pool's, plus one sink slot per padding row)."""
     from models.layers.attention import TorchAttentionBackend
 
+    if device.type == "cuda":
+        from models.layers import flashinfer_backend
+
+        if flashinfer_backend.available():
+            backend = flashinfer_backend.backend_for(model, dtype, max_slots)
+            if backend is not None:
+                return backend
     return TorchAttentionBackend()
 
 
@@ -118,7 +131,6 @@ class ModelRunner:
         self.kv = KVPool(args.max_total_tokens, shapes, self.dtype, self.device)
         width = min(source.context_len, args.max_total_tokens)
         self.table = ReqToTokenPool(args.max_running_requests, width, self.device)
-        self.backend = attention_backend(self.device)
         # CPU pads as a CUDA-graph run would, whatever --disable-cuda-graph says
         self.graphs = GraphRunner(
             plan,
@@ -128,9 +140,15 @@ class ModelRunner:
             self.dtype,
             self.device,
         )
-        self.graphs.capture(self.model.forward)
+        max_slots = self.kv.num_slots + 1 + max(self.graphs.sizes, default=0)
+        self.backend = attention_backend(self.model, self.device, self.dtype, max_slots)
         # DESIGN.md: never shard-local for a model that shards tokens itself
         self.shard_local = plan.attn_tp_gather.value and not plan.capabilities.self_managed_sp
+        self.graphs.capture(self.model.forward, self.graph_batch)
+        # Startup leaves a large heap of long-lived objects (torch, kernels, modules); frozen,
+        # a collection that lands in a decode step scans only what the steps allocate.
+        gc.collect()
+        gc.freeze()
 
     def prepare(self, batch: Batch | None, rows: int, global_rows: list[int]) -> ForwardBatch:
         """The step's rows: each request's new tokens, then padding up to `rows`."""
@@ -165,6 +183,24 @@ class ModelRunner:
             global_num_tokens=global_rows,
             attn_tp_gather=self.plan.attn_tp_gather.value,
             mlp_tp_gather=self.plan.mlp_tp_gather.value,
+        )
+
+    def graph_batch(self, rows: int) -> ForwardBatch:
+        """The decode step a CUDA graph of `rows` rows is recorded on: every row a real
+        one-token request at the sink slot, so that nothing the model derives from the
+        batch's counts (num_tokens, num_token_non_padded) masks rows out of the graph."""
+        idle = self.prepare(None, rows, [rows] * self.plan.attn_dp_size)  # static tensors
+        return attrs.evolve(
+            idle,
+            mode=ForwardMode.DECODE,
+            req_pool_indices=torch.zeros(rows, dtype=torch.int64, device=self.device),
+            seq_lens=[1] * rows,
+            extend_lens=[1] * rows,
+            num_tokens=rows,
+            sample_rows=torch.arange(rows, device=self.device),
+            num_token_non_padded=num_token_non_padded(
+                rows, rows, self.parallel.attn_tp_rank, self.parallel.attn_tp_size, self.shard_local
+            ),
         )
 
     @torch.inference_mode()

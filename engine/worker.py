@@ -51,6 +51,17 @@ from engine.tokenizer import eos_ids
 IDLE_WAIT_S = 0.2
 # Test hook: "RANK:STEPS" makes that rank SIGKILL itself after that many forward steps.
 KILL_HOOK = "PARCAP_TEST_KILL_RANK_AFTER_STEPS"
+# NVLink multicast (NVLS) in NCCL, torch's symmetric memory and NVSHMEM can take the GPUs of
+# a shared host out of service: off unless the operator's environment sets them.
+GPU_ENV_DEFAULTS = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+# A GPU rank computes on the host only the sampling of a few rows; a team of dozens of
+# OpenMP threads there costs more to wake each step than it saves (measured on a 64-core
+# host: decode steps of 5-15 ms with 64 threads, 1.5-5 ms with 4; bench/RESULTS.md).
+GPU_RANK_THREADS = 4
 
 
 @frozen
@@ -215,7 +226,8 @@ class Worker:
 
     def emit(self, events: list[Event]) -> None:
         if events and self.leader:
-            self.outbox.put(("events", events))
+            # stamped here: the front end may drain several steps at once
+            self.outbox.put(("events", events, time.monotonic()))
 
 
 def _kill_hook(rank: int) -> int | None:
@@ -241,8 +253,14 @@ def start_rank(device: str, local_rank: int, local_ranks: int) -> Any:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
     # torch 2.13 deprecates the *_tensor collectives in favour of APIs older torch lacks
     warnings.filterwarnings("ignore", message="`torch.distributed.", category=FutureWarning)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
-    return torch.device("cpu") if device == "cpu" else torch.device("cuda", local_rank)
+    threads = max(1, (os.cpu_count() or 1) // local_ranks)
+    if device == "cpu":
+        torch.set_num_threads(threads)
+        return torch.device("cpu")
+    for name, value in GPU_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)  # read when NCCL creates its communicators
+    torch.set_num_threads(min(threads, GPU_RANK_THREADS))
+    return torch.device("cuda", local_rank)
 
 
 def run_rank(rank: int, launch: Launch, inboxes: list[Any], outbox: Any) -> None:

@@ -1,0 +1,158 @@
+"""Figure (c), CPU: what the scheduler's mlp_sync costs per step, on vs off, at tp 2 and 4.
+
+Two measurements per TP size:
+
+- the collective alone: `cpu_all_gather_ints` of the 6-int sync vector over the gloo CPU
+  group, timed on rank 0 over `--calls` calls (what a step with mlp_sync adds);
+- the engine: the embedded tiny DeepSeek-V3 decoding `--batch` requests on CPU with
+  `--moe-a2a-backend all2all`, under `auto` (the model manages its own SP: no gather, no
+  gathered buffer, so no mlp_sync) and `--attn-tp-gather on` (gather decided, so mlp_sync).
+  The model computes the same either way (it never reads the gathered buffer) and the batch
+  is a multiple of the alignment (no padding): the difference is the per-step sync. TPOT is
+  the median of `--repeats` timed rounds per launch.
+
+    PYTHONPATH=. python bench/bench_sync_overhead.py --out sync.json --markdown sync.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from engine.llm_engine import LLMEngine
+from engine.sequence import SamplingParams
+from engine.server_args import ServerArgs
+
+SYNC_VECTOR = [8, 1, 0, 1, 0, 3]  # num_tokens, can_run_graph, is_extend, has_work, idle, seen
+
+
+def _gather_loop(rank: int, tp: int, init: str, calls: int, out: Any) -> None:
+    from engine.distributed import cpu_all_gather_ints, destroy_parallel, init_parallel
+
+    torch.set_num_threads(1)
+    init_parallel(rank, tp, 1, torch.device("cpu"), init, 60)
+    for _ in range(50):
+        cpu_all_gather_ints(SYNC_VECTOR, "tp")
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        cpu_all_gather_ints(SYNC_VECTOR, "tp")
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        out.put(times)
+    destroy_parallel()
+
+
+def collective_us(tp: int, calls: int) -> dict[str, float]:
+    from engine.launcher import init_method
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    init = init_method(ServerArgs.from_cli(["--model", "LlamaForCausalLM"]))
+    procs = [ctx.Process(target=_gather_loop, args=(r, tp, init, calls, out)) for r in range(tp)]
+    for p in procs:
+        p.start()
+    times = out.get(timeout=300)
+    for p in procs:
+        p.join()
+    q = statistics.quantiles(times, n=4)
+    return {"median_us": 1e6 * statistics.median(times), "p25_us": 1e6 * q[0], "p75_us": 1e6 * q[2]}
+
+
+def engine_tpot(tp: int, mode: str, ns: argparse.Namespace) -> dict[str, Any]:
+    args = ServerArgs.from_cli(
+        ["--model", ns.model, "--tp-size", str(tp), "--moe-a2a-backend", "all2all",
+         "--attn-tp-gather", mode]
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(tp)
+    prompts = torch.randint(0, 256, (ns.batch, 8), generator=gen).tolist()
+    params = SamplingParams(max_new_tokens=ns.new_tokens, ignore_eos=True)
+    with LLMEngine(args) as engine:
+        engine.generate(prompts, SamplingParams(max_new_tokens=4, ignore_eos=True))
+        tpots = []
+        for _ in range(ns.repeats):
+            results = engine.generate(prompts, params)
+            tpots.append(statistics.mean(r.tpot for r in results))
+        report = engine.report()
+    return {
+        "tpot_ms": 1e3 * statistics.median(tpots),
+        "tpot_ms_rounds": [1e3 * t for t in tpots],
+        "mlp_sync": report["plan"]["plan"]["mlp_sync"]["value"],
+        "counters": report["counters"],
+    }
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [
+        f"mlp_sync per-step overhead on CPU ({r['cpus']} cores, {r['machine']}); tiny "
+        f"{r['model']}, all2all, auto (sync off) vs --attn-tp-gather on (sync on), "
+        f"batch {r['batch']}, {r['new_tokens']} tokens per request, median of "
+        f"{r['repeats']} rounds.",
+        "",
+        "| tp | all-gather of the sync vector (median [p25, p75]) | TPOT sync off | TPOT sync on "
+        "| on / off | on - off | sync calls / steps, off; on |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in r["rows"]:
+        c, off, on = row["collective"], row["off"], row["on"]
+        lines.append(
+            f"| {row['tp']} | {c['median_us']:.0f} µs [{c['p25_us']:.0f}, {c['p75_us']:.0f}] "
+            f"| {off['tpot_ms']:.2f} ms | {on['tpot_ms']:.2f} ms "
+            f"| {on['tpot_ms'] / off['tpot_ms']:.3f} | {on['tpot_ms'] - off['tpot_ms']:+.2f} ms "
+            f"| {off['counters']['mlp_sync_calls']} / {off['counters']['steps']}; "
+            f"{on['counters']['mlp_sync_calls']} / {on['counters']['steps']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="DeepseekV3ForCausalLM")
+    p.add_argument("--tp", nargs="+", type=int, default=[2, 4])
+    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="sync_overhead.json")
+    p.add_argument("--markdown")
+    ns = p.parse_args(argv)
+    result: dict[str, Any] = {
+        "model": ns.model,
+        "cpus": os.cpu_count(),
+        "machine": os.uname().machine,
+        "batch": ns.batch,
+        "new_tokens": ns.new_tokens,
+        "repeats": ns.repeats,
+        "command": "PYTHONPATH=. python bench/bench_sync_overhead.py "
+        + " ".join(argv or sys.argv[1:]),
+        "rows": [],
+    }
+    for tp in ns.tp:
+        if ns.batch % tp:
+            raise SystemExit(f"--batch {ns.batch} must be a multiple of tp {tp} (no padding)")
+        row = {"tp": tp, "collective": collective_us(tp, ns.calls)}
+        row["off"] = engine_tpot(tp, "auto", ns)
+        row["on"] = engine_tpot(tp, "on", ns)
+        assert not row["off"]["mlp_sync"] and row["on"]["mlp_sync"]
+        result["rows"].append(row)
+        us, off, on = row["collective"]["median_us"], row["off"]["tpot_ms"], row["on"]["tpot_ms"]
+        print(f"tp {tp}: {us:.0f} us/sync, TPOT off {off:.2f} ms, on {on:.2f} ms", flush=True)
+    Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    if ns.markdown:
+        Path(ns.markdown).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
