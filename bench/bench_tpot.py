@@ -44,9 +44,11 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def timed_round(engine: LLMEngine, ids: list[list[int]], new_tokens: int) -> dict[str, float]:
-    """Submit every request at once; TPOT (mean over requests) and the decode step time
-    (median gap between one request's consecutive tokens, all rows share each step)."""
-    rids = engine.submit_many(ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    """Submit every request at once; TPOT (mean over requests, from the times the ranks
+    sampled the tokens) and the decode step time (median gap between one request's
+    consecutive tokens as this process receives them; all rows share each step)."""
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    rids = engine.submit_many(ids, params, keep=True)
     arrivals: dict[int, list[float]] = {rid: [] for rid in rids}
     pending = set(rids)
     while pending:
@@ -55,7 +57,7 @@ def timed_round(engine: LLMEngine, ids: list[list[int]], new_tokens: int) -> dic
             arrivals[event.rid].append(time.monotonic())
         if event.finished:
             pending.discard(event.rid)
-    tpots = [(t[-1] - t[0]) / (len(t) - 1) for t in arrivals.values()]
+    tpots = [engine.take(rid).tpot for rid in rids]
     first = arrivals[rids[0]]
     gaps = [b - a for a, b in zip(first, first[1:])]
     return {
@@ -114,13 +116,33 @@ def run_engine(
     }
 
 
+def merge(launches: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's launches as one: per batch size the median over every timed round."""
+    bad = [r for r in launches if "rows" not in r]
+    if bad:
+        return bad[0]
+    rows = []
+    for per_launch in zip(*(r["rows"] for r in launches), strict=True):
+        rounds = [x for row in per_launch for x in row["rounds"]]
+        medians = {k: statistics.median(x[k] for x in rounds) for k in rounds[0]}
+        rows.append({"batch_size": per_launch[0]["batch_size"], **medians, "rounds": rounds})
+    first = launches[0]
+    return {
+        "load_s": [r["load_s"] for r in launches],
+        "rows": rows,
+        "plan": first["plan"],
+        "counters": first["counters"],
+    }
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Decode TPOT (ms) on {result['device']}; {result['new_tokens']} tokens per request "
         f"after a {result['prompt_len']}-token prompt; bf16, `--moe-a2a-backend all2all`. "
         "TPOT: mean over the requests of (last - first token time) / (tokens - 1); step: "
         "median gap between consecutive tokens (robust to a stray host stall); each the "
-        f"median of {result['repeats']} timed rounds.",
+        f"median of {result['repeats']} timed rounds in each of "
+        f"{result.get('launches', 1)} launches per mode, launched auto, on, auto, on, ...",
         "",
     ]
     for entry in result["runs"]:
@@ -166,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--warmup-tokens", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per batch size (median)")
+    p.add_argument(
+        "--launches", type=int, default=1, help="launches per mode, interleaved auto/on"
+    )
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--out", default="tpot.json")
     p.add_argument("--markdown", help="also write the tables here")
@@ -180,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_len": ns.prompt_len,
         "new_tokens": ns.new_tokens,
         "repeats": ns.repeats,
+        "launches": ns.launches,
         "command": "PYTHONPATH=. python bench/bench_tpot.py " + " ".join(argv or sys.argv[1:]),
         "runs": [],
     }
@@ -192,12 +218,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{arch} tp{tp}: skipped: {entry['skipped']}", flush=True)
             else:
                 config = model_config(arch, GPU_CONFIGS.get(arch))
+                launches: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+                # auto, on, auto, on, ...: a drift over the run biases neither mode
+                for _ in range(ns.launches):
+                    for mode in MODES:
+                        try:
+                            launches[mode].append(run_engine(arch, config, tp, mode, ns))
+                        except Exception as e:  # noqa: BLE001 - one failed launch must not stop the rest
+                            error = f"{type(e).__name__}: {' '.join(str(e).split())}"
+                            launches[mode].append({"error": error})
+                            print(f"{arch} tp{tp} {mode}: {error}", flush=True)
                 for mode in MODES:
-                    try:
-                        entry[mode] = run_engine(arch, config, tp, mode, ns)
-                    except Exception as e:  # noqa: BLE001 - one failed launch must not stop the rest
-                        entry[mode] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
-                        print(f"{arch} tp{tp} {mode}: {entry[mode]['error']}", flush=True)
+                    entry[mode] = merge(launches[mode])
             result["runs"].append(entry)
             Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
     if ns.markdown:

@@ -22,6 +22,7 @@ TPS=${TPS:-1 2 4}
 BATCH_SIZES=${BATCH_SIZES:-1 2 4 8 16 32 64}
 NEW_TOKENS=${NEW_TOKENS:-32}
 REPEATS=${REPEATS:-3}
+LAUNCHES=${LAUNCHES:-1}
 STAGES=${STAGES:-device moe tests roofline tpot}
 mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -74,7 +75,7 @@ fi
 
 # shellcheck disable=SC2086  # word lists on purpose
 stage tpot 900 python3 bench/bench_tpot.py --models $MODELS --tp $TPS \
-  --batch-sizes $BATCH_SIZES --new-tokens "$NEW_TOKENS" --repeats "$REPEATS" \
+  --batch-sizes $BATCH_SIZES --new-tokens "$NEW_TOKENS" --repeats "$REPEATS" --launches "$LAUNCHES" \
   --out "$OUT/tpot.json" --markdown "$logs/tpot.md"
 
 {
@@ -83,7 +84,7 @@ stage tpot 900 python3 bench/bench_tpot.py --models $MODELS --tp $TPS \
   echo "Card: $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs)."
   echo "Command: \`source .gpu/use-flashinfer.sh .gpu; OUT=... bash bench/gpu_all.sh\`"
   echo "(STAGES='$STAGES' MODELS='$MODELS' TPS='$TPS' BATCH_SIZES='$BATCH_SIZES'"
-  echo "NEW_TOKENS=$NEW_TOKENS REPEATS=$REPEATS)."
+  echo "NEW_TOKENS=$NEW_TOKENS REPEATS=$REPEATS LAUNCHES=$LAUNCHES)."
   echo
   echo "## Roofline at batch 1"
   echo

@@ -253,6 +253,16 @@ def test_dp_attention_matches_tp1(tp1, argv):
     assert_same_outputs(results, tp1)
 
 
+def test_dp_group_without_any_request_runs_idle_batches(tp1):
+    """One request for two attention-DP groups: group 1 never gets work and runs every
+    step on zero rows (its attention and MLA projections included)."""
+    results, report = engine_run(
+        "--tp-size", "4", "--dp-size", "2", "--enable-dp-attention", prompts=ENGINE_PROMPTS[:1]
+    )
+    assert report["counters"]["mlp_sync_calls"] == report["counters"]["steps"] > 0
+    assert_same_outputs(results, tp1[:1])
+
+
 def test_engine_tp2_all2all_matches_transformers(checkpoint):
     path = checkpoint("yarn-q-lora")
     argv = ("--model-path", str(path), "--tp-size", "2", "--moe-a2a-backend", "all2all")

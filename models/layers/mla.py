@@ -89,7 +89,8 @@ class MLAAttention(nn.Module):
             q = self.q_proj(hidden)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
-        q_nope, q_pe = q.view(rows, self.num_heads, -1).split([self.nope_dim, self.rope_dim], -1)
+        head = self.nope_dim + self.rope_dim
+        q_nope, q_pe = q.view(rows, self.num_heads, head).split([self.nope_dim, self.rope_dim], -1)
         latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.rope_dim], -1)
         latent = self.kv_a_layernorm(latent)
         q_pe, k_pe = self.rotary_emb(positions, q_pe, k_pe.unsqueeze(1))
