@@ -28,6 +28,7 @@ from engine.worker import (
     start_rank,
 )
 from registry import ModelInfo, explain_json, get_model_info, resolve_plan
+from registry.args import UsageError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
 # After the first sign of failure, how long to wait for the other ranks' news, so the
@@ -55,9 +56,15 @@ class Setup:
 def prepare(args: Any) -> Setup:
     """Model source, plan and tokenizer for `args`.
 
-    Raises UnknownArchitecture, ModelLoadError, ModelSourceError or PlanRefused: each
-    a user mistake to report before any rank starts.
+    Raises UsageError, UnknownArchitecture, ModelLoadError, ModelSourceError or
+    PlanRefused: each a user mistake to report before any rank starts.
     """
+    if args.dp_size > 1 and not args.enable_dp_attention:
+        raise UsageError(
+            f"--dp-size {args.dp_size} without --enable-dp-attention would ask for "
+            "data-parallel replicas, which parcap does not run; add --enable-dp-attention "
+            "or drop --dp-size"
+        )
     source = model_source(args.model, args.model_path)
     info = get_model_info(source.architecture)
     plan = resolve_plan(info.capabilities, args, model=source.architecture)

@@ -107,6 +107,8 @@ def test_bad_inputs_exit_2_before_any_rank(no_ranks, capsys, tmp_path):
     assert "no prompts" in refused(capsys)
     assert "not both" in refused(capsys, "--prompt", "a", "--input", str(bad))
     assert "unknown architecture 'Nope'" in refused(capsys, "--model", "Nope", "--prompt", "a")
+    replicas = refused(capsys, "--tp-size", "2", "--dp-size", "2", "--prompt", "a")
+    assert "--dp-size 2 without --enable-dp-attention" in replicas
     assert "--max-new-tokens must be" in refused(capsys, "--max-new-tokens", "0", "--prompt", "a")
     line = refused(capsys, "--prompt", "a" * 40, "--max-prefill-tokens", "16")
     assert "--prompt #1: prompt of 41 tokens exceeds --max-prefill-tokens 16" in line
