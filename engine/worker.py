@@ -123,6 +123,7 @@ class Worker:
         self.closed = False
         self.quiet, self.quiet_seen = True, 0
         self.steps = self.sync_calls = 0
+        self.reported_steps = -1
         self.kill_after = _kill_hook(rank)
 
     @property
@@ -139,6 +140,13 @@ class Worker:
             "capture_sizes": list(g.sizes),
         }
 
+    def report_counters(self) -> None:
+        """Rank 0 tells the front end its counters whenever it runs out of work (after a
+        step, or when aborts emptied it without one), once per change."""
+        if self.state.rank == 0 and self.steps != self.reported_steps:
+            self.outbox.put(("counters", self.counters()))
+            self.reported_steps = self.steps
+
     def run(self) -> None:
         while True:
             intake = self.intake()
@@ -148,6 +156,7 @@ class Worker:
             idle = self.quiet and intake.seen == self.quiet_seen if self.sync else batch is None
             if idle:
                 self.emit(events)
+                self.report_counters()
                 if intake.closed:
                     return
                 continue
@@ -160,8 +169,8 @@ class Worker:
             if batch is not None:
                 events += self.scheduler.update(batch, tokens, logprobs)
             self.emit(events)
-            if self.state.rank == 0 and (self.quiet if self.sync else not self.scheduler.has_work):
-                self.outbox.put(("counters", self.counters()))
+            if self.quiet if self.sync else not self.scheduler.has_work:
+                self.report_counters()
             if self.steps == self.kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
 
