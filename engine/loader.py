@@ -166,10 +166,13 @@ def load_params(
 def load_model(model: nn.Module, weights: Weights) -> None:
     """Check `weights` against `model.checkpoint_shapes(model.config)`, then load them.
 
+    A model may skip checkpoint tensors it has no use for with `ignores_tensor(name)`.
+
     Fails on the first unexpected or mis-shaped tensor, and after the last on a missing one.
     """
     expected = type(model).checkpoint_shapes(model.config)
     tied = tie_word_embeddings(model.config)
+    ignored = getattr(model, "ignores_tensor", lambda name: False)
     seen = set()
 
     def checked() -> Iterator[tuple[str, WeightSource]]:
@@ -182,7 +185,11 @@ def load_model(model: nn.Module, weights: Weights) -> None:
                     )
                 seen.add(name)
                 yield name, source
-            elif name.endswith(_UNUSED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            elif (
+                name.endswith(_UNUSED_SUFFIXES)
+                or (tied and name == "lm_head.weight")
+                or ignored(name)
+            ):
                 continue
             else:
                 raise CheckpointError(f"{name}: unexpected tensor for {type(model).__name__}")

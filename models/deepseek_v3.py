@@ -19,6 +19,7 @@ So the model never reads `batch.gathered_buffer` and declares ``self_managed_sp=
 
 from __future__ import annotations
 
+import re
 import types
 from typing import Any
 
@@ -37,6 +38,8 @@ from models.layers.moe import MoE, load_with_experts, moe_shapes
 from models.layers.norm import RMSNorm
 from models.layers.router import grouped_topk
 from registry import ParallelCapabilities
+
+MTP_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def shard_sizes(n: int, parts: int) -> list[int]:
@@ -191,6 +194,12 @@ class DeepseekV3ForCausalLM(CausalLM):
 
     def load_weights(self, weights: Weights) -> None:
         load_with_experts(self, weights, self.packed_modules_mapping)
+
+    def ignores_tensor(self, name: str) -> bool:
+        """Multi-token-prediction layers (``model.layers.{num_hidden_layers}...`` in the
+        released checkpoints) serve speculative decoding, which parcap does not run."""
+        layer = MTP_LAYER.match(name)
+        return layer is not None and int(layer.group(1)) >= self.config.num_hidden_layers
 
     def kv_cache_shapes(self) -> list[list[tuple[int, ...]]]:
         return [layer.self_attn.kv_cache_shapes() for layer in self.model.layers]

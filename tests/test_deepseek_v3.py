@@ -17,7 +17,14 @@ from engine.distributed import destroy_parallel, init_parallel
 from engine.forward_batch import ForwardBatch, ForwardMode
 from engine.kv_cache import SINK_SLOT, KVPool, ReqToTokenPool
 from engine.llm_engine import LLMEngine
-from engine.loader import build_model, load_checkpoint, load_random
+from engine.loader import (
+    CheckpointError,
+    build_model,
+    load_checkpoint,
+    load_model,
+    load_random,
+    random_weights,
+)
 from engine.model_config import config_from_dict, load_config
 from engine.sequence import SamplingParams
 from engine.server_args import ServerArgs
@@ -152,6 +159,19 @@ def test_kv_cache_holds_one_latent_row_per_token():
     config = model.config
     width = config.kv_lora_rank + config.qk_rope_head_dim
     assert model.kv_cache_shapes() == [[(1, width)]] * config.num_hidden_layers
+
+
+def test_multi_token_prediction_layers_are_skipped_and_nothing_else():
+    """Released DeepSeek-V3 checkpoints carry an MTP layer after the last decoder layer."""
+    model = tiny_random_model()
+    config = model.config
+    shapes = DeepseekV3ForCausalLM.checkpoint_shapes(config)
+    mtp = f"model.layers.{config.num_hidden_layers}.eh_proj.weight"
+    extra = {mtp: (config.hidden_size, 2 * config.hidden_size)}
+    load_model(model, random_weights(shapes | extra, seed=0))
+    stray = {"model.layers.0.eh_proj.weight": (config.hidden_size, 2 * config.hidden_size)}
+    with pytest.raises(CheckpointError, match="model.layers.0.eh_proj.weight: unexpected"):
+        load_model(model, random_weights(shapes | stray, seed=0))
 
 
 # --- the engine --------------------------------------------------------------------------
