@@ -34,7 +34,7 @@ from models.causal_lm import CausalLM, causal_lm_shapes
 from models.layers.embedding import VocabParallelEmbedding
 from models.layers.mla import MLAAttention, mla_shapes
 from models.layers.mlp import GatedMLP, gated_mlp_shapes
-from models.layers.moe import MoE, load_with_experts, moe_shapes
+from models.layers.moe import MoE, load_with_experts, max_rows_per_rank, moe_shapes
 from models.layers.norm import RMSNorm
 from models.layers.router import grouped_topk
 from registry import ParallelCapabilities
@@ -120,24 +120,29 @@ class DeepseekV3DecoderLayer(nn.Module):
         """The residual stream [rows, hidden], all of the group's rows, in and out."""
         x = x + self.self_attn(positions, self.input_layernorm(x), batch)
         if self.token_parallel:
-            return self.mlp_on_token_shard(x, batch.num_token_non_padded)
+            return self.mlp_on_token_shard(x, batch.num_token_non_padded, max_rows_per_rank(batch))
         if get_parallel().attn_dp_size > 1:
             return self.mlp_over_dp_groups(x, batch.global_num_tokens)
         h = self.run_mlp(self.post_attention_layernorm(x), batch.num_token_non_padded)
         return x + all_reduce(h, "tp")
 
-    def run_mlp(self, h: torch.Tensor, num_valid: int | None) -> torch.Tensor:
-        return self.mlp(h, num_valid) if self.is_moe else self.mlp(h)
+    def run_mlp(
+        self, h: torch.Tensor, num_valid: int | None, max_rows: int | None = None
+    ) -> torch.Tensor:
+        return self.mlp(h, num_valid, max_rows) if self.is_moe else self.mlp(h)
 
-    def mlp_on_token_shard(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def mlp_on_token_shard(
+        self, x: torch.Tensor, num_tokens: int, max_rows: int | None = None
+    ) -> torch.Tensor:
         """This rank's share of the group's `num_tokens` real rows through the whole MLP,
         then all-gathered over attention-TP. A shard-local count here would drop the other
-        ranks' rows (SGLang issue #38606), so the engine passes the global one."""
+        ranks' rows (SGLang issue #38606), so the engine passes the global one. `max_rows`
+        bounds every "tp" rank's share (the all-to-all MoE's exchange)."""
         p = get_parallel()
         sizes = shard_sizes(num_tokens, p.attn_tp_size)
         start = sum(sizes[: p.attn_tp_rank])
         shard = x[start : start + sizes[p.attn_tp_rank]]
-        shard = shard + self.run_mlp(self.post_attention_layernorm(shard), None)
+        shard = shard + self.run_mlp(self.post_attention_layernorm(shard), None, max_rows)
         out = all_gather_uneven(shard, sizes, "attn_tp")
         padding = x.shape[0] - num_tokens
         return torch.cat([out, out.new_zeros(padding, out.shape[1])]) if padding else out

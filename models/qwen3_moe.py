@@ -20,7 +20,7 @@ from engine.model_config import head_dim
 from models.causal_lm import CausalLM, causal_lm_shapes
 from models.layers.embedding import VocabParallelEmbedding
 from models.layers.mlp import GatedMLP, gated_mlp_shapes
-from models.layers.moe import MoE, load_with_experts, moe_shapes
+from models.layers.moe import MoE, load_with_experts, max_rows_per_rank, moe_shapes
 from models.layers.norm import RMSNorm
 from models.layers.router import softmax_topk
 from models.llama import LlamaAttention, llama_attention_shapes
@@ -105,7 +105,10 @@ class Qwen3MoeDecoderLayer(nn.Module):
         hidden, residual = self.comm.prepare_attn(hidden, residual, batch)
         hidden = self.self_attn(positions, hidden, batch)
         hidden, residual, num_valid = self.comm.prepare_mlp(hidden, residual, batch)
-        hidden = self.mlp(hidden, num_valid) if self.is_moe else self.mlp(hidden)
+        if self.is_moe:
+            hidden = self.mlp(hidden, num_valid, max_rows_per_rank(batch))
+        else:
+            hidden = self.mlp(hidden)
         return self.comm.postprocess_mlp(hidden, residual, batch)
 
 

@@ -3,6 +3,7 @@ all2all) on real gloo ranks against the single-process layer."""
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,16 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from engine.communicator import MoeSettings, use_moe_settings
-from engine.distributed import all_reduce, destroy_parallel, init_parallel
+from engine.distributed import (
+    ParallelState,
+    all_reduce,
+    destroy_parallel,
+    init_parallel,
+    set_parallel,
+    single_process_state,
+)
 from engine.loader import TensorSource
-from models.layers.moe import MoE, load_with_experts
+from models.layers.moe import MoE, _bits_as, load_with_experts, max_rows_per_rank
 from models.layers.router import grouped_topk, softmax_topk
 from tests.engine_helpers import free_port
 
@@ -151,3 +159,146 @@ def test_expert_backends_match_single_process(tmp_path):
         assert got["a2a"].shape == (rows, HIDDEN)
         torch.testing.assert_close(got["a2a"][:valid], reference[:valid], rtol=0, atol=1e-5)
         assert (got["a2a"][valid:] == 0).all()
+
+
+# The all2all exchanges: fixed capacity (equal splits, no host sync) against the variable
+# split and the single-process experts. Rows per rank for 4 ranks (2 ranks take the first
+# two), the bound passed as max_rows (None: the largest), and how pairs are routed.
+A2A_CASES = {
+    "mixed": ((5, 0, 7, 2), None, "mixed"),  # uneven, an empty rank, padding and -1 pairs
+    "one_rank": ((3, 6, 1, 4), None, "last_rank"),  # every pair to one rank: C exactly full
+    "slack": ((2, 3, 0, 1), 6, "mixed"),  # a bound above every rank's rows
+    "idle": ((0, 0, 0, 0), None, "mixed"),  # nobody has rows: nothing to exchange
+    "idle_bound": ((0, 0, 0, 0), 2, "mixed"),  # ... or only empty slots
+}
+
+
+def a2a_routing(case: str, nprocs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every rank's rows, concatenated: (hidden, topk_weights, topk_ids)."""
+    counts, _, kind = A2A_CASES[case]
+    n = sum(counts[:nprocs])
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(n, HIDDEN, generator=g)
+    weights = torch.rand(n, TOP_K, generator=g) + 0.1
+    if kind == "last_rank":  # the last rank owns the last EXPERTS / nprocs >= TOP_K experts
+        ids = torch.tensor([[EXPERTS - 1, EXPERTS - 2]] * n)
+        ids[1::2] = ids[1::2].flip(1)
+        return hidden, weights, ids
+    ids = torch.zeros(n, TOP_K, dtype=torch.long)
+    for row in ids:
+        row.copy_(torch.randperm(EXPERTS, generator=g)[:TOP_K])
+    ids[torch.rand(n, TOP_K, generator=g) < 0.2] = -1  # single -1 pairs
+    ends = torch.tensor(counts[:nprocs]).cumsum(0)
+    last = ends[torch.tensor(counts[:nprocs]) > 0] - 1
+    ids[last], weights[last] = -1, 0.0  # each rank's last row is padding
+    return hidden, weights, ids
+
+
+def rank_rows(case: str, nprocs: int, rank: int) -> slice:
+    counts = A2A_CASES[case][0][:nprocs]
+    start = sum(counts[:rank])
+    return slice(start, start + counts[rank])
+
+
+def a2a_worker(rank: int, nprocs: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    init_parallel(rank, nprocs, 1, torch.device("cpu"), f"tcp://127.0.0.1:{port}", 60)
+    try:
+        experts = build_block("all2all").mlp.experts
+        taken: list[str] = []  # which exchange each call took
+
+        def spy(name: str) -> None:
+            method = getattr(experts, name)
+
+            def record(*args):
+                taken.append(name)
+                return method(*args)
+
+            setattr(experts, name, record)
+
+        spy("_fixed_capacity")
+        spy("_variable_split")
+        got = {}
+        with torch.inference_mode():
+            for case, (counts, bound, _) in A2A_CASES.items():
+                hidden, weights, ids = a2a_routing(case, nprocs)
+                mine = rank_rows(case, nprocs, rank)
+                args = (hidden[mine], weights[mine], ids[mine])
+                max_rows = max(counts[:nprocs]) if bound is None else bound
+                taken.clear()
+                fixed = experts(*args, max_rows=max_rows)
+                variable = experts(*args)  # no bound: the variable split
+                assert taken == ["_fixed_capacity", "_variable_split"], (case, taken)
+                got[case] = (fixed, variable)
+            # a step above the bound takes the variable split on every rank
+            experts.max_fixed_slots = 4 * TOP_K * nprocs - 1
+            hidden, weights, ids = a2a_routing("mixed", nprocs)
+            mine = rank_rows("mixed", nprocs, rank)
+            taken.clear()
+            large = experts(hidden[mine], weights[mine], ids[mine], max_rows=7)
+            small = experts(hidden[mine][:3], weights[mine][:3], ids[mine][:3], max_rows=3)
+            assert taken == ["_variable_split", "_fixed_capacity"], taken
+            assert experts.fixed_capacity(3, TOP_K) == 3 * TOP_K
+            assert experts.fixed_capacity(4, TOP_K) is None
+            assert experts.fixed_capacity(None, TOP_K) is None
+            got["large"], got["small"] = large, small
+            # the bf16 message carries each id in two columns
+            bf16 = build_block("all2all").mlp.experts.to(torch.bfloat16)
+            hidden, weights, ids = a2a_routing("mixed", nprocs)
+            args = (hidden[mine].bfloat16(), weights[mine], ids[mine])
+            got["bf16"] = (bf16(*args, max_rows=7), bf16(*args))
+        torch.save(got, Path(out_dir) / f"a2a{rank}.pt")
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.parametrize("nprocs", [2, 4])
+def test_fixed_capacity_all_to_all_matches_variable_split(tmp_path, nprocs):
+    mp.spawn(a2a_worker, args=(nprocs, free_port(), str(tmp_path)), nprocs=nprocs, join=True)
+    single = build_block("none").mlp.experts
+    results = [torch.load(tmp_path / f"a2a{rank}.pt") for rank in range(nprocs)]
+    for case in A2A_CASES:
+        hidden, weights, ids = a2a_routing(case, nprocs)
+        with torch.inference_mode():
+            reference = single(hidden, weights, ids)
+        for rank, got in enumerate(results):
+            fixed, variable = got[case]
+            want = reference[rank_rows(case, nprocs, rank)]
+            assert fixed.shape == want.shape, (case, rank)
+            torch.testing.assert_close(fixed, want, rtol=0, atol=1e-5, msg=f"{case} {rank}")
+            torch.testing.assert_close(variable, want, rtol=0, atol=1e-5)
+            torch.testing.assert_close(fixed, variable, rtol=0, atol=1e-5)
+    hidden, weights, ids = a2a_routing("mixed", nprocs)
+    with torch.inference_mode():
+        reference = single(hidden, weights, ids)
+        bf16 = single.to(torch.bfloat16)(hidden.bfloat16(), weights, ids).float()
+    assert reference.abs().sum(-1).gt(0).sum() >= 3  # the routing reaches experts
+    for rank, got in enumerate(results):
+        want = reference[rank_rows("mixed", nprocs, rank)]
+        torch.testing.assert_close(got["large"], want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got["small"], want[:3], rtol=0, atol=1e-5)
+        fixed, variable = got["bf16"]
+        assert fixed.dtype == torch.bfloat16
+        torch.testing.assert_close(fixed, variable, rtol=0.02, atol=0.02)
+        want = bf16[rank_rows("mixed", nprocs, rank)]
+        torch.testing.assert_close(fixed.float(), want, rtol=0.02, atol=0.02)
+
+
+def test_max_rows_per_rank_is_the_largest_group_over_attention_tp():
+    batch = types.SimpleNamespace(global_num_tokens=[5, 13])
+    assert max_rows_per_rank(batch) == 13
+    assert max_rows_per_rank(types.SimpleNamespace(global_num_tokens=None)) is None
+    set_parallel(ParallelState(0, 8, 0, 4, 0, 2, torch.device("cpu")))
+    try:
+        assert max_rows_per_rank(batch) == 4  # ceil(13 / 4)
+    finally:
+        set_parallel(single_process_state(torch.device("cpu")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_expert_ids_survive_the_message_dtype(dtype):
+    ids = torch.tensor([-1, 0, 1, 127, 255, 2**20])
+    id_dtype = torch.int32 if dtype.itemsize <= 4 else torch.int64
+    cols = _bits_as(ids.to(id_dtype), dtype)
+    assert cols.dtype == dtype and cols.shape == (6, id_dtype.itemsize // dtype.itemsize)
+    assert torch.equal(cols.clone().contiguous().view(id_dtype).reshape(-1).long(), ids)

@@ -10,29 +10,49 @@ when the layer is built):
   per rank, whole). Each rank sends every (row, expert) pair of its valid rows to the rank
   that owns the expert with `all_to_all`, the owners compute, the results come back and are
   summed per row with the routing weights: the output is complete for this rank's rows.
-  Padding rows (ids -1) are never sent. Every rank joins the collectives, with zero rows
-  on an idle batch, so the calls match across the group.
+  Every rank joins the collectives, with zero rows on an idle batch, so the calls match
+  across the group. Two ways to exchange the pairs, chosen per call from `max_rows`, a
+  bound on any rank's rows that every rank of the group computes alike (see
+  `max_rows_per_rank`), so that all ranks take the same one:
+
+  - fixed capacity (`max_rows * top_k * tp_size <= FIXED_CAPACITY_MAX_SLOTS`, decode-sized
+    steps): every rank sends C = `max_rows * top_k` slots to every rank, each pair in its
+    owner's block at its index among the pairs with that owner, empty slots with expert
+    id -1. Splits are equal and every index is computed on the device: no host sync, so a
+    CUDA graph can capture it.
+  - variable split (otherwise, or without `max_rows`): only the valid pairs travel; the
+    per-destination counts are exchanged and read on the host for the split sizes.
+    Padding pairs (ids -1) are never sent.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.communicator import moe_settings
-from engine.distributed import all_to_all
+from engine.distributed import all_to_all, get_parallel
 from engine.loader import CheckpointError, Weights, WeightSource, load_params
 from models.layers.fused_moe import fused_experts
 from models.layers.linear import ReplicatedLinear, divide, group_rank_size
 from models.layers.mlp import gated_mlp_shapes
 
+if TYPE_CHECKING:
+    from engine.forward_batch import ForwardBatch
+
 BACKENDS = ("none", "all2all")
 # (rows' float32 gate logits, num_valid) -> (topk_weights, topk_ids); see models.layers.router
 Route = Callable[[torch.Tensor, int | None], tuple[torch.Tensor, torch.Tensor]]
+
+# Largest exchange (tp_size * C slots, C = max_rows * top_k) that takes the fixed-capacity
+# all-to-all: covers decode steps up to the usual capture sizes (top-8 over 8 ranks: 64
+# rows per rank), while prefill keeps the variable split, which sends only the real pairs.
+FIXED_CAPACITY_MAX_SLOTS = 4096
 
 EXPERT_WEIGHT = re.compile(
     r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
@@ -42,6 +62,8 @@ EXPERT_WEIGHT = re.compile(
 class FusedMoE(nn.Module):
     """The routed experts of one layer: `w13` [E_local, 2 * I_local, H] (gate rows over up
     rows) and `w2` [E_local, H, I_local], as `fused_experts` takes them."""
+
+    max_fixed_slots = FIXED_CAPACITY_MAX_SLOTS  # per layer, so that a test can lower it
 
     def __init__(
         self,
@@ -89,15 +111,84 @@ class FusedMoE(nn.Module):
             param.data[local, offset : offset + i].copy_(source.narrow(0, start, i))
 
     def forward(
-        self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        max_rows: int | None = None,
     ) -> torch.Tensor:
+        """`max_rows` (all2all): a bound on the rows of every rank of the "tp" group in this
+        call, the same on all of them; it picks the exchange (None: variable split)."""
         if self.backend == "all2all" and self.tp_size > 1:
-            return self._all_to_all(hidden, topk_weights, topk_ids)
+            capacity = self.fixed_capacity(max_rows, topk_ids.shape[1])
+            if capacity is None:
+                return self._variable_split(hidden, topk_weights, topk_ids)
+            if hidden.shape[0] > max_rows:
+                raise ValueError(f"{hidden.shape[0]} rows, more than max_rows={max_rows}")
+            return self._fixed_capacity(hidden, topk_weights, topk_ids, capacity)
         return fused_experts(hidden, self.w13, self.w2, topk_weights, topk_ids)
 
-    def _all_to_all(
+    def fixed_capacity(self, max_rows: int | None, top_k: int) -> int | None:
+        """Slots C each rank sends to each rank on the fixed-capacity path, or None for the
+        variable split. From static numbers only, so every rank (and a CUDA graph's capture
+        and its replays) decides alike."""
+        if max_rows is None:
+            return None
+        capacity = max_rows * top_k
+        return capacity if capacity * self.tp_size <= self.max_fixed_slots else None
+
+    def _fixed_capacity(
+        self,
+        hidden: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        capacity: int,
+    ) -> torch.Tensor:
+        """All-to-all with equal splits of `capacity` slots, without a host sync: pair
+        (row, k) goes to slot `owner * capacity + index among the pairs with that owner`;
+        invalid pairs (-1) to a trash slot that is not sent."""
+        tp, c = self.tp_size, capacity
+        t, top_k = topk_ids.shape
+        h = hidden.shape[1]
+        if c == 0:  # no rank of the group has a row (max_rows is the same everywhere)
+            return hidden.new_zeros(hidden.shape)
+        dev = hidden.device
+        ids = topk_ids.reshape(-1).long()
+        valid = (ids >= 0) & (ids < self.num_experts)
+        owner = torch.where(valid, ids // self.local_experts, tp)  # tp: nobody
+        onehot = (owner.unsqueeze(1) == torch.arange(tp + 1, device=dev)).long()
+        index = (onehot.cumsum(0) * onehot).sum(1) - 1  # among earlier pairs, same owner
+        slot = torch.where(valid, owner * c + index, tp * c)
+        local = torch.where(valid, ids - owner * self.local_experts, -1)
+        # one message: the pair's row, then its local expert id's bytes in the same dtype
+        id_dtype = torch.int32 if hidden.element_size() <= 4 else torch.int64
+        pair_rows = torch.cat(
+            [
+                hidden.unsqueeze(1).expand(t, top_k, h).reshape(t * top_k, h),
+                _bits_as(local.to(id_dtype), hidden.dtype),
+            ],
+            dim=1,
+        )
+        send = hidden.new_zeros(tp * c + 1, pair_rows.shape[1])
+        empty = torch.full((1,), -1, dtype=id_dtype, device=dev)
+        send[:, h:] = _bits_as(empty, hidden.dtype)
+        send.index_copy_(0, slot, pair_rows)
+        splits = [c] * tp
+        recv = all_to_all(send[: tp * c], splits, splits, "tp")
+        x = recv[:, :h].contiguous()
+        recv_ids = recv[:, h:].contiguous().view(id_dtype).reshape(tp * c, 1).long()
+        ones = torch.ones(tp * c, 1, dtype=torch.float32, device=dev)
+        y = fused_experts(x, self.w13, self.w2, ones, recv_ids)
+        back = all_to_all(y, splits, splits, "tp")
+        picked = back.index_select(0, slot.clamp(max=tp * c - 1)).float()
+        weights = topk_weights.reshape(-1, 1).float()
+        out = torch.where(valid.unsqueeze(1), picked * weights, 0.0)
+        return out.view(t, top_k, h).sum(1).to(hidden.dtype)
+
+    def _variable_split(
         self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
+        """All-to-all of the valid pairs only; the split sizes are read on the host."""
         top_k = topk_ids.shape[1]
         ids = topk_ids.reshape(-1)
         pairs = torch.nonzero(ids >= 0).squeeze(1)
@@ -118,6 +209,24 @@ class FusedMoE(nn.Module):
         out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         out.index_add_(0, rows, back.float() * weights.float())
         return out.to(hidden.dtype)
+
+
+def _bits_as(ints: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[n] integers (4 or 8 bytes, at least `dtype`'s size) as [n, w] columns of `dtype`,
+    the same bytes (a view: no arithmetic, so every value, -1 included, survives a copy)."""
+    width = ints.element_size() // dtype.itemsize
+    return ints.contiguous().view(dtype).view(ints.shape[0], width)
+
+
+def max_rows_per_rank(batch: ForwardBatch) -> int | None:
+    """A bound on the rows any rank of the "tp" group gives its all-to-all MoE layers in
+    this step, the same on every rank: the largest attention-DP group's padded rows
+    (`batch.global_num_tokens`, agreed on by mlp_sync) over its attention-TP ranks, rounded
+    up. That covers the communicator's shard (P / A rows) and DeepSeek-V3's share of its
+    group's real rows (at most ceil(P / A)). None when the batch does not say."""
+    if batch.global_num_tokens is None:
+        return None
+    return -(-max(batch.global_num_tokens, default=0) // get_parallel().attn_tp_size)
 
 
 class MoE(nn.Module):
@@ -158,10 +267,13 @@ class MoE(nn.Module):
             return F.linear(hidden.float(), self.gate.weight.float())
         return self.gate(hidden)
 
-    def forward(self, hidden: torch.Tensor, num_valid: int | None = None) -> torch.Tensor:
-        """Rows >= `num_valid` are padding and route nowhere; output partial iff `partial`."""
+    def forward(
+        self, hidden: torch.Tensor, num_valid: int | None = None, max_rows: int | None = None
+    ) -> torch.Tensor:
+        """Rows >= `num_valid` are padding and route nowhere; output partial iff `partial`.
+        `max_rows`: see `FusedMoE.forward` (`max_rows_per_rank(batch)` in a model)."""
         topk_weights, topk_ids = self.route(self.router_logits(hidden), num_valid)
-        out = self.experts(hidden, topk_weights, topk_ids)
+        out = self.experts(hidden, topk_weights, topk_ids, max_rows)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)
         return out
