@@ -109,6 +109,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    layer_cls: type[nn.Module] = LlamaDecoderLayer
+
     def __init__(self, config: types.SimpleNamespace) -> None:
         super().__init__()
         # vocab-parallel over attention-TP: each attention-DP group embeds its own rows
@@ -116,9 +118,10 @@ class LlamaModel(nn.Module):
             config.vocab_size, config.hidden_size, group="attn_tp"
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+            self.layer_cls(config, i) for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # transformers' default for both Llama and Qwen3-MoE configs
+        self.norm = RMSNorm(config.hidden_size, getattr(config, "rms_norm_eps", 1e-6))
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         hidden, residual = self.embed_tokens(batch.input_ids), None
@@ -136,8 +139,10 @@ class LlamaForCausalLM(CausalLM):
         "up_proj": ("gate_up_proj", 1),
     }
 
+    model_cls: type[nn.Module] = LlamaModel
+
     def __init__(self, config: types.SimpleNamespace) -> None:
-        super().__init__(config, LlamaModel(config))
+        super().__init__(config, self.model_cls(config))
 
     def load_weights(self, weights: Weights) -> None:
         load_params(self, weights, self.packed_modules_mapping)

@@ -13,17 +13,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.communicator import LayerCommunicator, ScatterMode, final_norm, mlp_mode
+from engine.communicator import LayerCommunicator, ScatterMode, mlp_mode
 from engine.forward_batch import ForwardBatch
 from engine.loader import Weights
 from engine.model_config import head_dim
-from models.causal_lm import CausalLM, causal_lm_shapes
-from models.layers.embedding import VocabParallelEmbedding
+from models.causal_lm import causal_lm_shapes
 from models.layers.mlp import GatedMLP, gated_mlp_shapes
 from models.layers.moe import MoE, load_with_experts, max_rows_per_rank, moe_shapes
 from models.layers.norm import RMSNorm
 from models.layers.router import softmax_topk
-from models.llama import LlamaAttention, llama_attention_shapes
+from models.llama import (
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaModel,
+    llama_attention_shapes,
+)
 
 
 def num_experts(config: types.SimpleNamespace) -> int:
@@ -112,42 +116,15 @@ class Qwen3MoeDecoderLayer(nn.Module):
         return self.comm.postprocess_mlp(hidden, residual, batch)
 
 
-class Qwen3MoeModel(nn.Module):
-    def __init__(self, config: types.SimpleNamespace) -> None:
-        super().__init__()
-        # vocab-parallel over attention-TP: each attention-DP group embeds its own rows
-        self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, group="attn_tp"
-        )
-        self.layers = nn.ModuleList(
-            Qwen3MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, getattr(config, "rms_norm_eps", 1e-6))
-
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(batch.input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(batch.positions, hidden, residual, batch)
-        return final_norm(self.norm, hidden, residual, batch)
+class Qwen3MoeModel(LlamaModel):
+    layer_cls = Qwen3MoeDecoderLayer
 
 
-class Qwen3MoeForCausalLM(CausalLM):
-    packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
-
-    def __init__(self, config: types.SimpleNamespace) -> None:
-        super().__init__(config, Qwen3MoeModel(config))
+class Qwen3MoeForCausalLM(LlamaForCausalLM):
+    model_cls = Qwen3MoeModel
 
     def load_weights(self, weights: Weights) -> None:
         load_with_experts(self, weights, self.packed_modules_mapping)
-
-    def kv_cache_shapes(self) -> list[list[tuple[int, ...]]]:
-        return [layer.self_attn.attn.kv_cache_shapes() for layer in self.model.layers]
 
     @staticmethod
     def tiny_config() -> dict[str, Any]:
