@@ -78,22 +78,36 @@ def llama_mlp(config: types.SimpleNamespace) -> GatedMLP:
     """TP-sharded over "tp", or replicated under ``--moe-dense-tp-size 1`` (then it runs on
     the rank's scattered rows)."""
     if getattr(config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"LlamaForCausalLM supports hidden_act 'silu' (got {config.hidden_act!r})")
+        raise ValueError(f"dense MLP supports hidden_act 'silu' (got {config.hidden_act!r})")
     replicated = mlp_mode(is_moe=False) is ScatterMode.SCATTERED
     bias = getattr(config, "mlp_bias", False)
     return GatedMLP(config.hidden_size, config.intermediate_size, replicated, bias)
 
 
 class LlamaDecoderLayer(nn.Module):
+    attention_cls: type[LlamaAttention] = LlamaAttention
+
     def __init__(self, config: types.SimpleNamespace, layer_id: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id)
-        self.mlp = llama_mlp(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = self.attention_cls(config, layer_id)
+        self.is_moe = self.is_moe_layer(config, layer_id)
+        self.mlp = self.make_mlp(config)
+        # transformers' default for both Llama and Qwen3-MoE configs
+        eps = getattr(config, "rms_norm_eps", 1e-6)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.comm = LayerCommunicator(
-            self.input_layernorm, self.post_attention_layernorm, is_moe=False
+            self.input_layernorm, self.post_attention_layernorm, self.is_moe
         )
+
+    def is_moe_layer(self, config: types.SimpleNamespace, layer_id: int) -> bool:
+        return False
+
+    def make_mlp(self, config: types.SimpleNamespace) -> nn.Module:
+        return llama_mlp(config)
+
+    def run_mlp(self, hidden: torch.Tensor, num_valid: int | None, batch: ForwardBatch):
+        return self.mlp(hidden)
 
     def forward(
         self,
@@ -104,8 +118,9 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, residual = self.comm.prepare_attn(hidden, residual, batch)
         hidden = self.self_attn(positions, hidden, batch)
-        hidden, residual, _ = self.comm.prepare_mlp(hidden, residual, batch)
-        return self.comm.postprocess_mlp(self.mlp(hidden), residual, batch)
+        hidden, residual, num_valid = self.comm.prepare_mlp(hidden, residual, batch)
+        hidden = self.run_mlp(hidden, num_valid, batch)
+        return self.comm.postprocess_mlp(hidden, residual, batch)
 
 
 class LlamaModel(nn.Module):
@@ -120,7 +135,6 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             self.layer_cls(config, i) for i in range(config.num_hidden_layers)
         )
-        # transformers' default for both Llama and Qwen3-MoE configs
         self.norm = RMSNorm(config.hidden_size, getattr(config, "rms_norm_eps", 1e-6))
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

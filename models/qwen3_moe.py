@@ -13,20 +13,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.communicator import LayerCommunicator, ScatterMode, mlp_mode
 from engine.forward_batch import ForwardBatch
 from engine.loader import Weights
 from engine.model_config import head_dim
 from models.causal_lm import causal_lm_shapes
-from models.layers.mlp import GatedMLP, gated_mlp_shapes
+from models.layers.mlp import gated_mlp_shapes
 from models.layers.moe import MoE, load_with_experts, max_rows_per_rank, moe_shapes
 from models.layers.norm import RMSNorm
 from models.layers.router import softmax_topk
 from models.llama import (
     LlamaAttention,
+    LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaModel,
     llama_attention_shapes,
+    llama_mlp,
 )
 
 
@@ -82,38 +83,19 @@ class Qwen3MoeSparseMoeBlock(MoE):
         )
 
 
-class Qwen3MoeDecoderLayer(nn.Module):
-    def __init__(self, config: types.SimpleNamespace, layer_id: int) -> None:
-        super().__init__()
-        self.self_attn = Qwen3MoeAttention(config, layer_id)
-        self.is_moe = is_sparse_layer(config, layer_id)
-        if self.is_moe:
-            self.mlp = Qwen3MoeSparseMoeBlock(config)
-        else:
-            replicated = mlp_mode(is_moe=False) is ScatterMode.SCATTERED
-            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, replicated)
-        eps = getattr(config, "rms_norm_eps", 1e-6)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
-        self.comm = LayerCommunicator(
-            self.input_layernorm, self.post_attention_layernorm, self.is_moe
-        )
+class Qwen3MoeDecoderLayer(LlamaDecoderLayer):
+    attention_cls = Qwen3MoeAttention
 
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
-        batch: ForwardBatch,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, residual = self.comm.prepare_attn(hidden, residual, batch)
-        hidden = self.self_attn(positions, hidden, batch)
-        hidden, residual, num_valid = self.comm.prepare_mlp(hidden, residual, batch)
+    def is_moe_layer(self, config: types.SimpleNamespace, layer_id: int) -> bool:
+        return is_sparse_layer(config, layer_id)
+
+    def make_mlp(self, config: types.SimpleNamespace) -> nn.Module:
+        return Qwen3MoeSparseMoeBlock(config) if self.is_moe else llama_mlp(config)
+
+    def run_mlp(self, hidden: torch.Tensor, num_valid: int | None, batch: ForwardBatch):
         if self.is_moe:
-            hidden = self.mlp(hidden, num_valid, max_rows_per_rank(batch))
-        else:
-            hidden = self.mlp(hidden)
-        return self.comm.postprocess_mlp(hidden, residual, batch)
+            return self.mlp(hidden, num_valid, max_rows_per_rank(batch))
+        return self.mlp(hidden)
 
 
 class Qwen3MoeModel(LlamaModel):
