@@ -86,6 +86,24 @@ def is_torchrun() -> bool:
     return all(v in os.environ for v in TORCHRUN_VARS)
 
 
+def _start_quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker with its stderr on /dev/null.
+
+    A rank killed mid-run leaves its queues' semaphores to the tracker, whose cleanup then
+    warns about each (names already unlinked, "leaked" objects) after our one-line error.
+    The tracker inherits stderr when it starts, so it is started here, once, without it."""
+    from multiprocessing import resource_tracker
+
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            resource_tracker.ensure_running()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class Ranks:
     """The spawned rank processes of one launch and their queues."""
 
@@ -93,6 +111,7 @@ class Ranks:
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")
+        _start_quiet_resource_tracker()
         self.inboxes = [ctx.Queue() for _ in range(launch.plan.attn_dp_size)]
         self.outbox = ctx.Queue()
         self.procs = [

@@ -1,19 +1,33 @@
 """What the causal LMs share around their decoder stacks: the LM head on top of `model`,
-and the checkpoint names of ``model.embed_tokens``, ``model.layers.{i}``, ``model.norm``
-and ``lm_head``."""
+the checkpoint names of ``model.embed_tokens``, ``model.layers.{i}``, ``model.norm`` and
+``lm_head``, and what their embedded tiny configs have in common."""
 
 from __future__ import annotations
 
 import types
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from engine.forward_batch import ForwardBatch
 from engine.model_config import tie_word_embeddings
+from engine.tokenizer import BYTE_BOS, BYTE_EOS
 from models.layers.embedding import ParallelLMHead
 from models.layers.logits import LogitsProcessor
+
+# Every embedded tiny config speaks the byte tokenizer (ids 0-255 are bytes, then BOS and
+# EOS; engine.tokenizer) and has float32 weights.
+TINY_COMMON: dict[str, Any] = {
+    "vocab_size": 384,
+    "bos_token_id": BYTE_BOS,
+    "eos_token_id": BYTE_EOS,
+    "pad_token_id": None,
+    "tie_word_embeddings": False,
+    "dtype": "float32",
+    "torch_dtype": "float32",
+}
 
 
 class CausalLM(nn.Module):

@@ -30,7 +30,7 @@ from engine.communicator import moe_settings
 from engine.distributed import all_gather_uneven, all_reduce, get_parallel
 from engine.forward_batch import ForwardBatch
 from engine.loader import Weights
-from models.causal_lm import CausalLM, causal_lm_shapes
+from models.causal_lm import TINY_COMMON, CausalLM, causal_lm_shapes
 from models.layers.embedding import VocabParallelEmbedding
 from models.layers.mla import MLAAttention, mla_shapes
 from models.layers.mlp import GatedMLP, gated_mlp_shapes
@@ -211,10 +211,9 @@ class DeepseekV3ForCausalLM(CausalLM):
 
     @staticmethod
     def tiny_config() -> dict[str, Any]:
-        return {
+        return TINY_COMMON | {
             "architectures": ["DeepseekV3ForCausalLM"],
             "model_type": "deepseek_v3",
-            "vocab_size": 384,
             "hidden_size": 64,
             "intermediate_size": 128,
             "moe_intermediate_size": 32,
@@ -251,12 +250,6 @@ class DeepseekV3ForCausalLM(CausalLM):
             },
             "rope_interleave": True,
             "attention_bias": False,
-            "tie_word_embeddings": False,
-            "bos_token_id": 256,
-            "eos_token_id": 257,
-            "pad_token_id": None,
-            "dtype": "float32",
-            "torch_dtype": "float32",
         }
 
     @staticmethod

@@ -12,7 +12,7 @@ from engine.communicator import LayerCommunicator, ScatterMode, final_norm, mlp_
 from engine.forward_batch import ForwardBatch
 from engine.loader import Weights, load_params
 from engine.model_config import head_dim, num_kv_heads, rope_parameters
-from models.causal_lm import CausalLM, causal_lm_shapes
+from models.causal_lm import TINY_COMMON, CausalLM, causal_lm_shapes
 from models.layers.attention import Attention
 from models.layers.embedding import VocabParallelEmbedding
 from models.layers.linear import QKVParallelLinear, RowParallelLinear, linear_shapes
@@ -166,10 +166,9 @@ class LlamaForCausalLM(CausalLM):
 
     @staticmethod
     def tiny_config() -> dict[str, Any]:
-        return {
+        return TINY_COMMON | {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
-            "vocab_size": 384,
             "hidden_size": 64,
             "intermediate_size": 128,
             "num_hidden_layers": 4,
@@ -182,12 +181,6 @@ class LlamaForCausalLM(CausalLM):
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
             "attention_bias": False,
             "mlp_bias": False,
-            "tie_word_embeddings": False,
-            "bos_token_id": 256,
-            "eos_token_id": 257,
-            "pad_token_id": None,
-            "dtype": "float32",
-            "torch_dtype": "float32",
         }
 
     @staticmethod

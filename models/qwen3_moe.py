@@ -16,7 +16,7 @@ from torch import nn
 from engine.forward_batch import ForwardBatch
 from engine.loader import Weights
 from engine.model_config import head_dim
-from models.causal_lm import causal_lm_shapes
+from models.causal_lm import TINY_COMMON, causal_lm_shapes
 from models.layers.mlp import gated_mlp_shapes
 from models.layers.moe import MoE, load_with_experts, max_rows_per_rank, moe_shapes
 from models.layers.norm import RMSNorm
@@ -110,10 +110,9 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
 
     @staticmethod
     def tiny_config() -> dict[str, Any]:
-        return {
+        return TINY_COMMON | {
             "architectures": ["Qwen3MoeForCausalLM"],
             "model_type": "qwen3_moe",
-            "vocab_size": 384,
             "hidden_size": 64,
             "intermediate_size": 128,
             "moe_intermediate_size": 32,
@@ -131,12 +130,6 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
             "rms_norm_eps": 1e-6,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
             "attention_bias": False,
-            "tie_word_embeddings": False,
-            "bos_token_id": 256,
-            "eos_token_id": 257,
-            "pad_token_id": None,
-            "dtype": "float32",
-            "torch_dtype": "float32",
         }
 
     @staticmethod
