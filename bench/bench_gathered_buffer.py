@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.configs import GPU_CONFIGS, MODELS, available, model_config
+from bench.configs import GPU_CONFIGS, MODELS, available, model_config, publish
 from engine.graph_runner import GraphRunner
 from engine.llm_engine import LLMEngine
 from engine.sequence import SamplingParams
@@ -141,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["rows"].append(row)
                 print(json.dumps(row), flush=True)
     result["mismatches"] = mismatches
-    Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    if ns.markdown:
-        Path(ns.markdown).write_text(text + "\n")
-    print(text)
+    publish(result, markdown(result), ns.out, ns.markdown)
     return 1 if mismatches else 0
 
 

@@ -18,16 +18,14 @@ written). Reported against it:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.configs import ROOFLINE_LLAMA, model_config, setup
+from bench.configs import ROOFLINE_LLAMA, model_config, publish, setup
 from engine.distributed import get_parallel, set_parallel, single_process_state
 from engine.forward_batch import ForwardMode
 from engine.model_runner import ModelRunner
@@ -203,11 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "attention_bandwidth_gbps": kv_bytes / fam["attention"] / 1e9 if fam["attention"] else None,
         "heaviest_kernels_ms": [(name, 1e3 * t) for name, t in profile["heaviest"]],
     }
-    Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    if ns.markdown:
-        Path(ns.markdown).write_text(text + "\n")
-    print(text)
+    publish(result, markdown(result), ns.out, ns.markdown)
     return 0
 
 

@@ -17,17 +17,16 @@ Two measurements per TP size:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.multiprocessing as mp
 
+from bench.configs import publish
 from engine.llm_engine import LLMEngine
 from engine.sequence import SamplingParams
 from engine.server_args import ServerArgs
@@ -146,11 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         result["rows"].append(row)
         us, off, on = row["collective"]["median_us"], row["off"]["tpot_ms"], row["on"]["tpot_ms"]
         print(f"tp {tp}: {us:.0f} us/sync, TPOT off {off:.2f} ms, on {on:.2f} ms", flush=True)
-    Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    if ns.markdown:
-        Path(ns.markdown).write_text(text + "\n")
-    print(text)
+    publish(result, markdown(result), ns.out, ns.markdown)
     return 0
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from bench.configs import GPU_CONFIGS, MODELS, available, model_config, setup
+from bench.configs import GPU_CONFIGS, MODELS, available, model_config, publish, setup
 from engine.llm_engine import LLMEngine
 from engine.sequence import SamplingParams
 from registry import PlanRefused
@@ -232,9 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                     entry[mode] = merge(launches[mode])
             result["runs"].append(entry)
             Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
-    if ns.markdown:
-        Path(ns.markdown).write_text(markdown(result) + "\n")
-    print(markdown(result))
+    publish(result, markdown(result), ns.out, ns.markdown)
     return 0
 
 

@@ -8,6 +8,8 @@ layers, so random weights load in seconds. Each entry overrides the class's
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from engine.launcher import Setup, init_method
@@ -80,3 +82,11 @@ def setup(arch: str, config: dict[str, Any], argv: list[str]) -> Setup:
     plan = resolve_plan(info.capabilities, args, model=arch)
     source = ModelSource(arch, config, None)
     return Setup(Launch(args, plan, source, init_method(args)), info, None)
+
+
+def publish(result: dict[str, Any], text: str, out: str, markdown: str | None) -> None:
+    """A figure's numbers as JSON at `out`, its tables at `markdown` (if given) and on stdout."""
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    if markdown:
+        Path(markdown).write_text(text + "\n")
+    print(text)
