@@ -186,20 +186,24 @@ def test_flashinfer_mla_matches_torch(flashinfer_backend):
 # -- the engine on GPU -------------------------------------------------------------------
 
 
-def launch(tp: int, prompts: list[list[int]], params: list, *flags: str) -> list:
+def launch(
+    tp: int, prompts: list[list[int]], params: list, *flags: str, arch: str = "LlamaForCausalLM"
+) -> list:
+    from bench.configs import GPU_CONFIGS
     from engine.launcher import Setup, init_method
     from engine.llm_engine import LLMEngine
     from engine.model_runner import ModelSource
     from engine.server_args import ServerArgs
     from engine.worker import Launch
-    from models.llama import LlamaForCausalLM
-    from registry import get_model_info, resolve_plan
+    from registry import get_model_class, get_model_info, resolve_plan
 
-    arch = "LlamaForCausalLM"
     argv = ["--model", arch, "--device", "cuda", "--dtype", "bfloat16", "--tp-size", str(tp)]
     args = ServerArgs.from_cli([*argv, "--cuda-graph-max-bs", "8", *flags])
     info = get_model_info(arch)
-    config = {**LlamaForCausalLM.tiny_config(), **LLAMA}
+    small = LLAMA if arch == "LlamaForCausalLM" else {
+        **GPU_CONFIGS[arch], "num_hidden_layers": 2, "vocab_size": LLAMA["vocab_size"]
+    }  # fmt: skip
+    config = {**get_model_class(arch).tiny_config(), **small}
     setup = Setup(
         Launch(args, resolve_plan(info.capabilities, args), ModelSource(arch, config, None),
                init_method(args)),
@@ -262,3 +266,17 @@ def test_nccl_tp2_tokens_match_tp1(capfd):
     tp2 = launch(2, prompts, params)
     assert "cuda graphs: captured" in capfd.readouterr().err  # NCCL inside the graphs
     assert_same_tokens(tp2, launch(1, prompts, params))
+
+
+@needs_gpus(2)
+@pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM"])
+def test_all2all_moe_decode_is_captured(arch, capfd):
+    """The fixed-capacity all-to-all keeps decode free of host syncs, so MoE models capture
+    CUDA graphs with the expert exchange inside, at every TP size the machine has."""
+    tp = 4 if torch.cuda.device_count() >= 4 else 2
+    prompts, params = prompts_and_params([12, 12, 9, 6, 3])
+    a2a = ("--moe-a2a-backend", "all2all")
+    graphs = launch(tp, prompts, params, *a2a, arch=arch)
+    err = capfd.readouterr().err
+    assert "cuda graphs: captured" in err, err
+    assert_same_tokens(graphs, launch(tp, prompts, params, *a2a, "--disable-cuda-graph", arch=arch))
