@@ -270,7 +270,7 @@ def test_nccl_tp2_tokens_match_tp1(capfd):
 
 @needs_gpus(2)
 @pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM"])
-def test_all2all_moe_decode_is_captured(arch, capfd):
+def test_all2all_moe_decode_is_captured(flashinfer_backend, arch, capfd):
     """The fixed-capacity all-to-all keeps decode free of host syncs, so MoE models capture
     CUDA graphs with the expert exchange inside, at every TP size the machine has."""
     tp = 4 if torch.cuda.device_count() >= 4 else 2
