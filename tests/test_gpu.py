@@ -214,7 +214,7 @@ def launch(
         return engine.generate(prompts, params)
 
 
-def assert_same_tokens(a: list, b: list) -> None:
+def assert_same_tokens(a: list, b: list, tol: float = TIE_LOGPROB) -> None:
     """Same tokens, up to a near-tie (see the module docstring); most requests identical."""
     identical = 0
     for ra, rb in zip(a, b, strict=True):
@@ -224,12 +224,12 @@ def assert_same_tokens(a: list, b: list) -> None:
         )
         agree = len(ra.output_ids) if diverge is None else diverge
         for i in range(agree):
-            assert abs(ra.output_logprobs[i] - rb.output_logprobs[i]) < TIE_LOGPROB, (i, ra, rb)
+            assert abs(ra.output_logprobs[i] - rb.output_logprobs[i]) < tol, (i, ra, rb)
         if diverge is None:
             identical += 1
         else:
             gap = abs(ra.output_logprobs[diverge] - rb.output_logprobs[diverge])
-            assert gap < TIE_LOGPROB, f"token {diverge} differs and is no near-tie: {ra} {rb}"
+            assert gap < tol, f"token {diverge} differs and is no near-tie: {ra} {rb}"
     assert identical * 2 >= len(a), f"only {identical} of {len(a)} requests match exactly"
 
 
@@ -279,4 +279,7 @@ def test_all2all_moe_decode_is_captured(flashinfer_backend, arch, capfd):
     graphs = launch(tp, prompts, params, *a2a, arch=arch)
     err = capfd.readouterr().err
     assert "cuda graphs: captured" in err, err
-    assert_same_tokens(graphs, launch(tp, prompts, params, *a2a, "--disable-cuda-graph", arch=arch))
+    eager = launch(tp, prompts, params, *a2a, "--disable-cuda-graph", arch=arch)
+    # a graph's expert GEMMs and DeepSeek's token shards run at the bucket's row count, not
+    # the step's: rounding moves bf16 logprobs by a few ulps (1/32 each in [4, 8)); 4 ulps
+    assert_same_tokens(graphs, eager, tol=0.125)
