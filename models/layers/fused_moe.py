@@ -375,6 +375,8 @@ if HAS_TRITON:
         key=["m_bucket", "align", "N", "K", "GATE_UP"],
         prune_configs_by={"early_config_prune": _prune},
         do_bench=_tune_bench,
+        # every rank and every later launch on this machine reuses the timings from disk
+        cache_results=True,
     )(_moe_gemm)
 
 
