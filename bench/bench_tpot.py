@@ -108,7 +108,10 @@ def run_engine(
                 flush=True,
             )
         report = engine.report()
+    if engine.error:  # after the timings, e.g. ranks that did not exit: said, not hidden
+        print(f"{arch} tp{tp} {mode}: {engine.error}", file=sys.stderr, flush=True)
     return {
+        "shutdown_error": engine.error,
         "load_s": load_s,
         "rows": rows,
         "plan": report["plan"]["plan"],
@@ -125,10 +128,15 @@ def merge(launches: list[dict[str, Any]]) -> dict[str, Any]:
     for per_launch in zip(*(r["rows"] for r in launches), strict=True):
         rounds = [x for row in per_launch for x in row["rounds"]]
         medians = {k: statistics.median(x[k] for x in rounds) for k in rounds[0]}
-        rows.append({"batch_size": per_launch[0]["batch_size"], **medians, "rounds": rounds})
+        per = [row["tpot_ms"] for row in per_launch]
+        rows.append(
+            {"batch_size": per_launch[0]["batch_size"], **medians, "launch_tpot_ms": per,
+             "rounds": rounds}
+        )  # fmt: skip
     first = launches[0]
     return {
         "load_s": [r["load_s"] for r in launches],
+        "shutdown_errors": [e for r in launches if (e := r.get("shutdown_error"))],
         "rows": rows,
         "plan": first["plan"],
         "counters": first["counters"],
@@ -166,15 +174,21 @@ def markdown(result: dict[str, Any]) -> str:
             f"{co['attn_tp_padding_tokens']}; gathered-buffer bytes auto "
             f"{ca['gathered_buffer_bytes']}, on {co['gathered_buffer_bytes']})",
             "",
-            "| batch | TPOT auto | TPOT on | auto / on | step auto | step on | auto / on |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| batch | TPOT auto | TPOT on | auto / on | step auto | step on | auto / on "
+            "| TPOT auto / on, per launch pair |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for a, o in zip(auto["rows"], on["rows"], strict=True):
+            pairs = zip(a.get("launch_tpot_ms", []), o.get("launch_tpot_ms", []), strict=True)
             lines.append(
                 f"| {a['batch_size']} | {a['tpot_ms']:.3f} | {o['tpot_ms']:.3f} "
                 f"| {a['tpot_ms'] / o['tpot_ms']:.3f} | {a['step_ms']:.3f} | {o['step_ms']:.3f} "
-                f"| {a['step_ms'] / o['step_ms']:.3f} |"
+                f"| {a['step_ms'] / o['step_ms']:.3f} "
+                f"| {', '.join(f'{x / y:.3f}' for x, y in pairs)} |"
             )
+        errors = auto.get("shutdown_errors", []) + on.get("shutdown_errors", [])
+        if errors:
+            lines += ["", f"After the timings: {'; '.join(sorted(set(errors)))}"]
         lines.append("")
     return "\n".join(lines)
 
@@ -188,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--warmup-tokens", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per batch size (median)")
-    p.add_argument(
-        "--launches", type=int, default=1, help="launches per mode, interleaved auto/on"
-    )
+    p.add_argument("--launches", type=int, default=1, help="launches per mode, interleaved auto/on")
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--out", default="tpot.json")
     p.add_argument("--markdown", help="also write the tables here")

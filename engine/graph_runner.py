@@ -129,6 +129,16 @@ class GraphRunner:
             return forward(batch)
         return step.replay(batch)
 
+    def release(self) -> None:
+        """Free the graphs before the process group goes: NCCL's communicator destroy waits
+        forever on a live graph that captured its collectives (pytorch/pytorch#115388)."""
+        if not self.graphs:
+            return
+        torch.cuda.synchronize(self.device)
+        for step in self.graphs.values():
+            step.graph.reset()
+        self.graphs.clear()
+
 
 class CapturedStep:
     """One recorded decode step: the static batch it was recorded on (a replay copies the

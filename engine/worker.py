@@ -285,6 +285,7 @@ def run_rank(rank: int, launch: Launch, inboxes: list[Any], outbox: Any) -> None
         worker.run()
         if rank == 0:
             outbox.put(("counters", worker.counters()))
+        worker.runner.graphs.release()
         destroy_parallel()
         outbox.put(("bye", rank))
     except BaseException as e:  # every failure, even SystemExit, must reach the front end

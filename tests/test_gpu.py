@@ -211,7 +211,9 @@ def launch(
         None,
     )  # fmt: skip
     with LLMEngine(args, setup=setup) as engine:
-        return engine.generate(prompts, params)
+        results = engine.generate(prompts, params)
+    assert engine.error is None, engine.error  # e.g. ranks that hang on the way out
+    return results
 
 
 def assert_same_tokens(a: list, b: list, tol: float = TIE_LOGPROB) -> None:
