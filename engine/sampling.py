@@ -14,15 +14,21 @@ from engine.sequence import Sequence
 
 
 def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[float]]:
-    """Tokens for each row, and their log-probability under the model's (raw) distribution."""
-    logits = logits.float().cpu()
+    """Tokens for each row, and their log-probability under the model's (raw) distribution.
+
+    Greedy rows stay on the logits' device; only the rows that draw (seeded generators live
+    on the host) and the two result vectors are copied."""
+    logits = logits[: len(seqs)].float()
     logprobs = torch.log_softmax(logits, dim=-1)
     tokens = logits.argmax(dim=-1)
-    for i, seq in enumerate(seqs):
-        if not seq.params.greedy:
-            tokens[i] = _draw(logits[i], seq)
+    drawn = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
+    if drawn:
+        rows = logits[drawn].cpu()
+        picks = [_draw(row, seqs[i]) for row, i in zip(rows, drawn, strict=True)]
+        tokens[drawn] = torch.tensor(picks, device=tokens.device)
     chosen = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return tokens.tolist(), chosen.tolist()
+    both = torch.stack([tokens.double(), chosen.double()]).cpu()  # one copy; ids < 2**53
+    return [int(t) for t in both[0].tolist()], both[1].tolist()
 
 
 def _draw(logits: torch.Tensor, seq: Sequence) -> int:

@@ -241,6 +241,18 @@ def test_greedy_takes_argmax_with_the_models_logprob():
     assert logprobs == pytest.approx(expected.tolist(), abs=1e-6)
 
 
+def test_mixed_batch_draws_only_its_sampled_rows_and_ignores_padding_rows():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 50, generator=gen)  # 3 requests, then 2 padding rows of a graph
+    params = [SamplingParams(), SamplingParams(temperature=1.0), SamplingParams()]
+    tokens, logprobs = sample(logits, seqs(*params))
+    assert len(tokens) == len(logprobs) == 3
+    assert [tokens[0], tokens[2]] == logits[[0, 2]].argmax(-1).tolist()
+    expected = torch.log_softmax(logits[:3], -1)[torch.arange(3), torch.tensor(tokens)]
+    assert logprobs == pytest.approx(expected.tolist(), abs=1e-6)
+    assert sample(logits, seqs(*params)) == (tokens, logprobs)  # same seeds, same draw
+
+
 def test_seeded_sampling_repeats_and_respects_top_k_top_p():
     logits = torch.full((1, 300), -20.0)
     logits[0, :5] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
