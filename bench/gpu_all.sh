@@ -10,11 +10,12 @@
 #      NCCL tp 2 vs tp 1
 #   4. figure (b), roofline fraction at batch 1 (GPU 0)
 #   5. figure (a), decode TPOT auto vs --attn-tp-gather on, per model and TP size
-# Writes under $OUT: fused_moe.json, roofline.json, tpot.json, tests.txt and results.md
-# (the tables, with the card and the commands). STAGES picks stages (default: all of
-# "device moe tests roofline tpot"); MODELS, TPS, BATCH_SIZES, NEW_TOKENS and REPEATS
-# narrow figure (a); a model whose module is missing is skipped. On a machine lent for at
-# most 10 minutes a command, split it, e.g. STAGES="device tpot" MODELS="..." TPS="2 4".
+# Writes under $OUT: fused_moe.json, roofline.json, tpot.json, tests.txt, results.md
+# (the tables, with the card and the commands) and logs/ (each stage's output, as it
+# runs). STAGES picks stages (default: all of "device moe tests roofline tpot"); MODELS,
+# TPS, BATCH_SIZES, NEW_TOKENS, REPEATS and LAUNCHES narrow figure (a); a model whose
+# module is missing is skipped. On a machine lent for at most 10 minutes a command, split
+# it, e.g. STAGES="device tpot" MODELS="..." TPS="2 4".
 set -uo pipefail
 OUT=${OUT:-/tmp/parcap-gpu}
 MODELS=${MODELS:-LlamaForCausalLM Qwen3MoeForCausalLM DeepseekV3ForCausalLM}
@@ -29,7 +30,8 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # NVLink multicast can take a shared host's GPUs down: keep it off in every process.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 status=0
-logs=$(mktemp -d)
+logs="$OUT/logs"  # streamed there, so that a stage killed by a time limit keeps its output
+mkdir -p "$logs"
 
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
@@ -39,9 +41,8 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run it, print its log, remember a fa
   want "$name" || return 0
   local start=$SECONDS
   echo "=== $name: $*"
-  timeout "$limit" "$@" >"$logs/$name.log" 2>&1
-  local rc=$?
-  cat "$logs/$name.log"
+  timeout "$limit" "$@" 2>&1 | tee "$logs/$name.log"
+  local rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc after $((SECONDS - start))s"
   [ "$status" -ne 0 ] || status=$rc
   return $rc
@@ -100,5 +101,4 @@ stage tpot 900 python3 bench/bench_tpot.py --models $MODELS --tp $TPS \
 } >"$OUT/results.md"
 echo "=== results.md"
 cat "$OUT/results.md"
-rm -rf "$logs"
 exit "$status"

@@ -212,7 +212,7 @@ def run_torchrun(
     """Run this process as the rank torchrun says; every rank reads the same prompts and
     keeps its group's round-robin share. Results, counters and timings on global rank 0,
     else None."""
-    from engine.distributed import destroy_parallel, gather_object
+    from engine.distributed import gather_object
 
     launch = setup.launch
     rank = int(os.environ["RANK"])
@@ -238,7 +238,7 @@ def run_torchrun(
                 results.setdefault(event.rid, Result(start)).add(event, sampled)
     everyone = gather_object(results if worker.leader else {})
     counters = worker.counters()
-    destroy_parallel()
+    worker.close()
     if rank != 0:
         return None
     merged = {rid: r for part in everyone for rid, r in part.items()}

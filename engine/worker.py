@@ -140,6 +140,11 @@ class Worker:
             "capture_sizes": list(g.sizes),
         }
 
+    def close(self) -> None:
+        """Leave the process groups; the graphs first, as NCCL requires (see `release`)."""
+        self.runner.graphs.release()
+        destroy_parallel()
+
     def report_counters(self) -> None:
         """Rank 0 tells the front end its counters whenever it runs out of work (after a
         step, or when aborts emptied it without one), once per change."""
@@ -285,8 +290,7 @@ def run_rank(rank: int, launch: Launch, inboxes: list[Any], outbox: Any) -> None
         worker.run()
         if rank == 0:
             outbox.put(("counters", worker.counters()))
-        worker.runner.graphs.release()
-        destroy_parallel()
+        worker.close()
         outbox.put(("bye", rank))
     except BaseException as e:  # every failure, even SystemExit, must reach the front end
         outbox.put(("error", rank, failure_line(rank, e)))
