@@ -178,9 +178,7 @@ def all_to_all(
     if size == 1:
         return x
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    dist.all_to_all_single(
-        out, x.contiguous(), list(out_splits), list(in_splits), group=pg
-    )
+    dist.all_to_all_single(out, x.contiguous(), list(out_splits), list(in_splits), group=pg)
     return out
 
 

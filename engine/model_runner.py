@@ -213,4 +213,3 @@ class ModelRunner:
         if batch is None:
             return [], []
         return sample(logits, batch.seqs)
-

@@ -129,8 +129,7 @@ class Scheduler:
             return False
         stepped = set() if batch is None else {id(s) for s in batch.seqs}
         return all(
-            id(s) in stepped and s.num_output + 1 >= s.params.max_new_tokens
-            for s in self.running
+            id(s) in stepped and s.num_output + 1 >= s.params.max_new_tokens for s in self.running
         )
 
     def update(self, batch: Batch, tokens: list[int], logprobs: list[float]) -> list[Event]:

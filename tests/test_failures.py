@@ -47,8 +47,19 @@ def test_cli_exits_nonzero_naming_the_rank_and_leaves_nothing():
     marker = f"PARCAP_TEST_MARKER={uuid.uuid4().hex}"
     env = {KILL_HOOK: "0:2", marker.split("=")[0]: marker.split("=")[1]}
     start = time.monotonic()
-    proc = run_cli("generate", "--tp-size", "2", "--moe-dense-tp-size", "1",
-                   "--max-new-tokens", "400", "--ignore-eos", "--prompt", "hello", env=env)
+    proc = run_cli(
+        "generate",
+        "--tp-size",
+        "2",
+        "--moe-dense-tp-size",
+        "1",
+        "--max-new-tokens",
+        "400",
+        "--ignore-eos",
+        "--prompt",
+        "hello",
+        env=env,
+    )
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.splitlines()[-1] == "parcap: error: rank 0: killed by SIGKILL"
     assert time.monotonic() - start < 30
