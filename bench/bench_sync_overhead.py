@@ -2,8 +2,10 @@
 
 Two measurements per TP size:
 
-- the collective alone: `cpu_all_gather_ints` of the 6-int sync vector over the gloo CPU
-  group, timed on rank 0 over `--calls` calls (what a step with mlp_sync adds);
+- the collectives alone, timed on rank 0 over `--calls` calls each, interleaved:
+  `cpu_all_gather_ints` of the 6-int sync vector over the gloo CPU group (what a step with
+  mlp_sync adds), and the per-step intake broadcast both ways (a pickled object, and the
+  three ints a step with nothing new now sends);
 - the engine: the embedded tiny DeepSeek-V3 decoding `--batch` requests on CPU with
   `--moe-a2a-backend all2all`, under `auto` (the model manages its own SP: no gather, no
   gathered buffer, so no mlp_sync) and `--attn-tp-gather on` (gather decided, so mlp_sync).
@@ -34,37 +36,60 @@ from engine.server_args import ServerArgs
 SYNC_VECTOR = [8, 1, 0, 1, 0, 3]  # num_tokens, can_run_graph, is_extend, has_work, idle, seen
 
 
-def _gather_loop(rank: int, tp: int, init: str, calls: int, out: Any) -> None:
-    from engine.distributed import cpu_all_gather_ints, destroy_parallel, init_parallel
+def _collective_loop(rank: int, tp: int, init: str, calls: int, out: Any) -> None:
+    from engine.distributed import (
+        broadcast_ints,
+        broadcast_object,
+        cpu_all_gather_ints,
+        destroy_parallel,
+        init_parallel,
+    )
+    from engine.worker import Intake
 
     torch.set_num_threads(1)
     init_parallel(rank, tp, 1, torch.device("cpu"), init, 60)
-    for _ in range(50):
-        cpu_all_gather_ints(SYNC_VECTOR, "tp")
-    times = []
+    leader = rank == 0
+    empty = Intake((), (), 3, False)
+    ops = {
+        "sync": lambda: cpu_all_gather_ints(SYNC_VECTOR, "tp"),
+        "intake_object": lambda: broadcast_object(empty if leader else None, "attn_tp"),
+        "intake_ints": lambda: broadcast_ints([0, 3, 0] if leader else None, 3, "attn_tp"),
+    }
+    for op in ops.values():
+        for _ in range(50):
+            op()
+    times: dict[str, list[float]] = {name: [] for name in ops}
     for _ in range(calls):
-        t0 = time.perf_counter()
-        cpu_all_gather_ints(SYNC_VECTOR, "tp")
-        times.append(time.perf_counter() - t0)
-    if rank == 0:
+        for name, op in ops.items():  # interleaved: the machine's drift hits each alike
+            t0 = time.perf_counter()
+            op()
+            times[name].append(time.perf_counter() - t0)
+    if leader:
         out.put(times)
     destroy_parallel()
 
 
-def collective_us(tp: int, calls: int) -> dict[str, float]:
+def collective_us(tp: int, calls: int) -> dict[str, dict[str, float]]:
+    """Per collective a step may run, its time on rank 0: median and quartiles, in µs."""
     from engine.launcher import init_method
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     init = init_method(ServerArgs.from_cli(["--model", "LlamaForCausalLM"]))
-    procs = [ctx.Process(target=_gather_loop, args=(r, tp, init, calls, out)) for r in range(tp)]
+    procs = [
+        ctx.Process(target=_collective_loop, args=(r, tp, init, calls, out)) for r in range(tp)
+    ]
     for p in procs:
         p.start()
     times = out.get(timeout=300)
     for p in procs:
         p.join()
-    q = statistics.quantiles(times, n=4)
-    return {"median_us": 1e6 * statistics.median(times), "p25_us": 1e6 * q[0], "p75_us": 1e6 * q[2]}
+    stats = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4)
+        stats[name] = {"median_us": 1e6 * statistics.median(ts), "p25_us": 1e6 * q[0],
+                       "p75_us": 1e6 * q[2]}  # fmt: skip
+    return stats
 
 
 def engine_tpot(tp: int, mode: str, ns: argparse.Namespace) -> dict[str, Any]:
@@ -81,13 +106,17 @@ def engine_tpot(tp: int, mode: str, ns: argparse.Namespace) -> dict[str, Any]:
         for _ in range(ns.repeats):
             results = engine.generate(prompts, params)
             tpots.append(statistics.mean(r.tpot for r in results))
-        report = engine.report()
+    report = engine.report()  # after shutdown: rank 0's final counters
     return {
         "tpot_ms": 1e3 * statistics.median(tpots),
         "tpot_ms_rounds": [1e3 * t for t in tpots],
         "mlp_sync": report["plan"]["plan"]["mlp_sync"]["value"],
         "counters": report["counters"],
     }
+
+
+def _us(c: dict[str, float]) -> str:
+    return f"{c['median_us']:.0f} µs [{c['p25_us']:.0f}, {c['p75_us']:.0f}]"
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -102,13 +131,29 @@ def markdown(r: dict[str, Any]) -> str:
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in r["rows"]:
-        c, off, on = row["collective"], row["off"], row["on"]
+        c, off, on = row["collectives"]["sync"], row["off"], row["on"]
         lines.append(
-            f"| {row['tp']} | {c['median_us']:.0f} µs [{c['p25_us']:.0f}, {c['p75_us']:.0f}] "
+            f"| {row['tp']} | {_us(c)} "
             f"| {off['tpot_ms']:.2f} ms | {on['tpot_ms']:.2f} ms "
             f"| {on['tpot_ms'] / off['tpot_ms']:.3f} | {on['tpot_ms'] - off['tpot_ms']:+.2f} ms "
             f"| {off['counters']['mlp_sync_calls']} / {off['counters']['steps']}; "
             f"{on['counters']['mlp_sync_calls']} / {on['counters']['steps']} |"
+        )
+    lines += [
+        "",
+        "Every step also shares the leader's intake (new requests, aborts) with its "
+        "attention-TP group. On a step with nothing new, three ints now do "
+        "(`broadcast_ints`); before, a pickled object did (`broadcast_object`: two "
+        "collectives). Both were timed interleaved in the same ranks:",
+        "",
+        "| tp | intake as an object | intake as 3 ints | ints / object |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for row in r["rows"]:
+        obj, ints = row["collectives"]["intake_object"], row["collectives"]["intake_ints"]
+        lines.append(
+            f"| {row['tp']} | {_us(obj)} | {_us(ints)} "
+            f"| {ints['median_us'] / obj['median_us']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -138,12 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     for tp in ns.tp:
         if ns.batch % tp:
             raise SystemExit(f"--batch {ns.batch} must be a multiple of tp {tp} (no padding)")
-        row = {"tp": tp, "collective": collective_us(tp, ns.calls)}
+        row = {"tp": tp, "collectives": collective_us(tp, ns.calls)}
         row["off"] = engine_tpot(tp, "auto", ns)
         row["on"] = engine_tpot(tp, "on", ns)
         assert not row["off"]["mlp_sync"] and row["on"]["mlp_sync"]
         result["rows"].append(row)
-        us, off, on = row["collective"]["median_us"], row["off"]["tpot_ms"], row["on"]["tpot_ms"]
+        us = row["collectives"]["sync"]["median_us"]
+        off, on = row["off"]["tpot_ms"], row["on"]["tpot_ms"]
         print(f"tp {tp}: {us:.0f} us/sync, TPOT off {off:.2f} ms, on {on:.2f} ms", flush=True)
     publish(result, markdown(result), ns.out, ns.markdown)
     return 0

@@ -107,7 +107,7 @@ def run_engine(
                 f"{r['step_ms']:.3f} ms (longest gap {r['max_gap_ms']:.1f} ms)",
                 flush=True,
             )
-        report = engine.report()
+    report = engine.report()  # after shutdown: rank 0's final counters
     if engine.error:  # after the timings, e.g. ranks that did not exit: said, not hidden
         print(f"{arch} tp{tp} {mode}: {engine.error}", file=sys.stderr, flush=True)
     return {

@@ -194,19 +194,37 @@ def cpu_all_gather_ints(values: Sequence[int], group: str = "tp") -> list[list[i
     return out.view(size, -1).tolist()
 
 
+def _cpu_group(group: str) -> tuple[object, int, int]:
+    """The gloo group, its size and its source rank (the leader) for a broadcast."""
+    s = get_parallel()
+    if group == "tp":
+        return s.cpu_group, s.tp_size, 0
+    return s.attn_tp_cpu_group, s.attn_tp_size, s.rank - s.attn_tp_rank
+
+
 def broadcast_object(obj: object, group: str = "attn_tp") -> object:
     """The attention-TP leader's `obj` (or global rank 0's, for "tp") on every rank of the
     group, over its gloo CPU group."""
-    s = get_parallel()
-    if group == "tp":
-        pg, size, src = s.cpu_group, s.tp_size, 0
-    else:
-        pg, size, src = s.attn_tp_cpu_group, s.attn_tp_size, s.rank - s.attn_tp_rank
+    pg, size, src = _cpu_group(group)
     if size == 1:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=pg)
     return box[0]
+
+
+def broadcast_ints(values: Sequence[int] | None, n: int, group: str = "attn_tp") -> list[int]:
+    """The leader's `n` ints (None elsewhere) on every rank of the group: one collective and
+    no pickling, where `broadcast_object` needs two."""
+    pg, size, src = _cpu_group(group)
+    if size == 1:
+        return list(values)
+    if values is None:
+        t = torch.empty(n, dtype=torch.int64)
+    else:
+        t = torch.tensor(list(values), dtype=torch.int64)
+    dist.broadcast(t, src=src, group=pg)
+    return t.tolist()
 
 
 def gather_object(obj: object) -> list[object] | None:
