@@ -16,17 +16,10 @@ from typing import Any
 from attrs import frozen
 
 from engine.model_runner import model_source
+from engine.rank import failure_line, run_rank, start_rank
 from engine.sequence import Request, Result, SamplingParams, Timings
 from engine.tokenizer import Tokenizer, load_tokenizer
-from engine.worker import (
-    CLOSE,
-    Launch,
-    Submit,
-    Worker,
-    failure_line,
-    run_rank,
-    start_rank,
-)
+from engine.worker import CLOSE, Launch, Submit, Worker
 from registry import ModelInfo, explain_json, get_model_info, resolve_plan
 from registry.args import UsageError
 

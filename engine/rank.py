@@ -1,0 +1,78 @@
+"""A rank's process: set up (parent watch, threads, GPU environment), run its worker, and
+report how it ended through the outbox: "ready", "counters" (global rank 0), "bye", or one
+"error" line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import warnings
+from typing import Any
+
+from engine.worker import Launch, Worker
+
+# NVLink multicast (NVLS) in NCCL, torch's symmetric memory and NVSHMEM can take the GPUs of
+# a shared host out of service: off unless the operator's environment sets them.
+GPU_ENV_DEFAULTS = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+# A GPU rank computes on the host only the sampling of a few rows; a team of dozens of
+# OpenMP threads there costs more to wake each step than it saves (measured on a 64-core
+# host: decode steps of 5-15 ms with 64 threads, 1.5-5 ms with 4; bench/RESULTS.md).
+GPU_RANK_THREADS = 4
+
+
+def start_rank(device: str, local_rank: int, local_ranks: int) -> Any:
+    """Set up this process as a rank: it dies with its parent, shares the host's cores
+    with the other local ranks, and stays quiet; returns its torch device."""
+    import torch
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    # torch 2.13 deprecates the *_tensor collectives in favour of APIs older torch lacks
+    warnings.filterwarnings("ignore", message="`torch.distributed.", category=FutureWarning)
+    threads = max(1, (os.cpu_count() or 1) // local_ranks)
+    if device == "cpu":
+        torch.set_num_threads(threads)
+        return torch.device("cpu")
+    for name, value in GPU_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)  # read when NCCL creates its communicators
+    torch.set_num_threads(min(threads, GPU_RANK_THREADS))
+    return torch.device("cuda", local_rank)
+
+
+def run_rank(rank: int, launch: Launch, inboxes: list[Any], outbox: Any) -> None:
+    """Entry point of a spawned rank; any failure goes to the outbox as one line."""
+    # Ctrl-C reaches the whole process group; the front end decides how ranks stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        device = start_rank(launch.args.device, rank, launch.args.tp_size)
+        attn_tp = launch.plan.attn_tp_size
+        inbox = inboxes[rank // attn_tp] if rank % attn_tp == 0 else None
+        worker = Worker(rank, launch, inbox, outbox, device)
+        outbox.put(("ready", rank))
+        worker.run()
+        if rank == 0:
+            outbox.put(("counters", worker.counters()))
+        worker.close()
+        outbox.put(("bye", rank))
+    except BaseException as e:  # every failure, even SystemExit, must reach the front end
+        outbox.put(("error", rank, failure_line(rank, e)))
+        outbox.close()
+        outbox.join_thread()
+        os._exit(1)
+
+
+def failure_line(rank: int, error: BaseException) -> str:
+    message = " ".join(str(error).split())
+    return f"rank {rank}: {type(error).__name__}" + (f": {message}" if message else "")
