@@ -21,8 +21,8 @@ GPU_ENV_DEFAULTS = {
     "NVSHMEM_DISABLE_NVLS": "1",
 }
 # A GPU rank computes next to nothing on the host (seeded draws of a few rows); a team of
-# dozens of OpenMP threads there costs more to wake each step than it saves (measured on a 64-core
-# host: decode steps of 5-15 ms with 64 threads, 1.5-5 ms with 4; bench/RESULTS.md).
+# dozens of OpenMP threads there costs more to wake each step than it saves (measured on a
+# 64-core host: decode steps of 5-15 ms with 64 threads, 1.5-5 ms with 4; bench/RESULTS.md).
 GPU_RANK_THREADS = 4
 
 
