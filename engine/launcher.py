@@ -16,7 +16,7 @@ from typing import Any
 from attrs import frozen
 
 from engine.model_runner import model_source
-from engine.rank import failure_line, run_rank, start_rank
+from engine.rank import LEAVE_TIMEOUT_S, failure_line, run_rank, start_rank, within
 from engine.sequence import Request, Result, SamplingParams, Timings
 from engine.tokenizer import Tokenizer, load_tokenizer
 from engine.worker import CLOSE, Launch, Submit, Worker
@@ -231,7 +231,7 @@ def run_torchrun(
                 results.setdefault(event.rid, Result(start)).add(event, sampled)
     everyone = gather_object(results if worker.leader else {})
     counters = worker.counters()
-    worker.close()
+    within(worker.close, LEAVE_TIMEOUT_S)
     if rank != 0:
         return None
     merged = {rid: r for part in everyone for rid, r in part.items()}

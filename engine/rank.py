@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from engine.worker import Launch, Worker
@@ -24,6 +25,9 @@ GPU_ENV_DEFAULTS = {
 # dozens of OpenMP threads there costs more to wake each step than it saves (measured on a
 # 64-core host: decode steps of 5-15 ms with 64 threads, 1.5-5 ms with 4; bench/RESULTS.md).
 GPU_RANK_THREADS = 4
+# How long a finished rank tries to leave its process groups before it exits without: NCCL's
+# teardown can block for good (pytorch/pytorch#115388), and the process is ending anyway.
+LEAVE_TIMEOUT_S = 10.0
 
 
 def start_rank(device: str, local_rank: int, local_ranks: int) -> Any:
@@ -64,8 +68,12 @@ def run_rank(rank: int, launch: Launch, inboxes: list[Any], outbox: Any) -> None
         worker.run()
         if rank == 0:
             outbox.put(("counters", worker.counters()))
-        worker.close()
+        left = within(worker.close, LEAVE_TIMEOUT_S)
         outbox.put(("bye", rank))
+        if not left:  # a stuck teardown thread would also stall the interpreter's exit
+            outbox.close()
+            outbox.join_thread()
+            os._exit(0)
     except BaseException as e:  # every failure, even SystemExit, must reach the front end
         outbox.put(("error", rank, failure_line(rank, e)))
         outbox.close()
@@ -76,3 +84,22 @@ def run_rank(rank: int, launch: Launch, inboxes: list[Any], outbox: Any) -> None
 def failure_line(rank: int, error: BaseException) -> str:
     message = " ".join(str(error).split())
     return f"rank {rank}: {type(error).__name__}" + (f": {message}" if message else "")
+
+
+def within(fn: Callable[[], object], timeout_s: float) -> bool:
+    """Run `fn` in a daemon thread for at most `timeout_s`: whether it finished. An error it
+    raised is raised here."""
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            fn()
+        except BaseException as e:  # handed to the caller
+            errors.append(e)
+
+    thread = threading.Thread(target=call, name="bounded", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if errors:
+        raise errors[0]
+    return not thread.is_alive()

@@ -129,7 +129,12 @@ class Worker:
         }
 
     def close(self) -> None:
-        """Leave the process groups; the graphs first, as NCCL requires (see `release`)."""
+        """Leave the process groups; the graphs first, as NCCL requires (see `release`).
+        Safe in another thread: it names this rank's device."""
+        if self.state.device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(self.state.device)
         self.runner.graphs.release()
         destroy_parallel()
 

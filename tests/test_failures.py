@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 
@@ -94,3 +95,21 @@ def test_ranks_die_with_the_front_end():
         front.send_signal(signal.SIGKILL)
         front.wait()
     assert wait_gone(pids, 5)
+
+
+def test_a_rank_leaves_its_groups_within_a_bound():
+    """A finished rank tries to leave its process groups for a bounded time (NCCL's teardown
+    can block for good); what the call raised still surfaces."""
+    from engine.rank import within
+
+    def broken() -> None:
+        raise ValueError("broken")
+
+    assert within(lambda: None, 5.0)
+    release = threading.Event()
+    start = time.monotonic()
+    assert not within(release.wait, 0.2)
+    assert time.monotonic() - start < 2
+    release.set()
+    with pytest.raises(ValueError, match="broken"):
+        within(broken, 5.0)
