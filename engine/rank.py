@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -71,6 +72,8 @@ def run_rank(rank: int, launch: Launch, inboxes: list[Any], outbox: Any) -> None
         left = within(worker.close, LEAVE_TIMEOUT_S)
         outbox.put(("bye", rank))
         if not left:  # a stuck teardown thread would also stall the interpreter's exit
+            print(f"rank {rank}: process groups not torn down after {LEAVE_TIMEOUT_S:.0f}s;"
+                  " exiting without", file=sys.stderr, flush=True)  # fmt: skip
             outbox.close()
             outbox.join_thread()
             os._exit(0)

@@ -266,7 +266,9 @@ def test_cuda_graph_eager_above_the_largest_size():
 def test_nccl_tp2_tokens_match_tp1(capfd):
     prompts, params = prompts_and_params([12, 12, 9, 6])
     tp2 = launch(2, prompts, params)
-    assert "cuda graphs: captured" in capfd.readouterr().err  # NCCL inside the graphs
+    err = capfd.readouterr().err
+    assert "cuda graphs: captured" in err, err  # NCCL inside the graphs
+    assert "not torn down" not in err, err
     assert_same_tokens(tp2, launch(1, prompts, params))
 
 
@@ -281,6 +283,7 @@ def test_all2all_moe_decode_is_captured(flashinfer_backend, arch, capfd):
     graphs = launch(tp, prompts, params, *a2a, arch=arch)
     err = capfd.readouterr().err
     assert "cuda graphs: captured" in err, err
+    assert "not torn down" not in err, err  # the graphs were freed before NCCL's teardown
     eager = launch(tp, prompts, params, *a2a, "--disable-cuda-graph", arch=arch)
     # a graph's expert GEMMs and DeepSeek's token shards run at the bucket's row count, not
     # the step's: rounding moves bf16 logprobs by a few ulps (1/32 each in [4, 8)); 4 ulps
