@@ -182,24 +182,23 @@ def all_to_all(
     return out
 
 
+def _cpu_group(group: str) -> tuple[object, int, int]:
+    """The gloo group, its size and its leader (the source of a broadcast)."""
+    s = get_parallel()
+    if group == "tp":
+        return s.cpu_group, s.tp_size, 0
+    return s.attn_tp_cpu_group, s.attn_tp_size, s.rank - s.attn_tp_rank
+
+
 def cpu_all_gather_ints(values: Sequence[int], group: str = "tp") -> list[list[int]]:
     """All-gather a short int vector over the gloo CPU group; one row per rank."""
-    s = get_parallel()
-    pg, size = (s.cpu_group, s.tp_size) if group == "tp" else (s.attn_tp_cpu_group, s.attn_tp_size)
+    pg, size, _ = _cpu_group(group)
     t = torch.tensor(list(values), dtype=torch.int64)
     if size == 1:
         return [t.tolist()]
     out = torch.empty(size * t.numel(), dtype=torch.int64)
     dist.all_gather_into_tensor(out, t, group=pg)
     return out.view(size, -1).tolist()
-
-
-def _cpu_group(group: str) -> tuple[object, int, int]:
-    """The gloo group, its size and its source rank (the leader) for a broadcast."""
-    s = get_parallel()
-    if group == "tp":
-        return s.cpu_group, s.tp_size, 0
-    return s.attn_tp_cpu_group, s.attn_tp_size, s.rank - s.attn_tp_rank
 
 
 def broadcast_object(obj: object, group: str = "attn_tp") -> object:

@@ -189,28 +189,15 @@ def test_flashinfer_mla_matches_torch(flashinfer_backend):
 def launch(
     tp: int, prompts: list[list[int]], params: list, *flags: str, arch: str = "LlamaForCausalLM"
 ) -> list:
-    from bench.configs import GPU_CONFIGS
-    from engine.launcher import Setup, init_method
+    from bench.configs import GPU_CONFIGS, model_config, setup
     from engine.llm_engine import LLMEngine
-    from engine.model_runner import ModelSource
-    from engine.server_args import ServerArgs
-    from engine.worker import Launch
-    from registry import get_model_class, get_model_info, resolve_plan
 
-    argv = ["--model", arch, "--device", "cuda", "--dtype", "bfloat16", "--tp-size", str(tp)]
-    args = ServerArgs.from_cli([*argv, "--cuda-graph-max-bs", "8", *flags])
-    info = get_model_info(arch)
     small = LLAMA if arch == "LlamaForCausalLM" else {
         **GPU_CONFIGS[arch], "num_hidden_layers": 2, "vocab_size": LLAMA["vocab_size"]
     }  # fmt: skip
-    config = {**get_model_class(arch).tiny_config(), **small}
-    setup = Setup(
-        Launch(args, resolve_plan(info.capabilities, args), ModelSource(arch, config, None),
-               init_method(args)),
-        info,
-        None,
-    )  # fmt: skip
-    with LLMEngine(args, setup=setup) as engine:
+    argv = ["--device", "cuda", "--dtype", "bfloat16", "--tp-size", str(tp)]
+    s = setup(arch, model_config(arch, small), [*argv, "--cuda-graph-max-bs", "8", *flags])
+    with LLMEngine(s.launch.args, setup=s) as engine:
         results = engine.generate(prompts, params)
     assert engine.error is None, engine.error  # e.g. ranks that hang on the way out
     return results
