@@ -143,6 +143,25 @@ def merge(launches: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def pooled(auto_rows: list[dict[str, Any]], on_rows: list[dict[str, Any]]) -> str:
+    """The auto / on TPOT ratios over every (batch size, launch pair) cell, and per launch
+    pair: cells of one pair share that pair's host speed, so the pairs are the samples."""
+    per_pair = list(
+        zip(*(
+            [x / y for x, y in zip(a.get("launch_tpot_ms", [a["tpot_ms"]]),
+                                   o.get("launch_tpot_ms", [o["tpot_ms"]]), strict=True)]
+            for a, o in zip(auto_rows, on_rows, strict=True)
+        ), strict=True)
+    )  # fmt: skip
+    cells = [r for pair in per_pair for r in pair]
+    means = ", ".join(f"{statistics.geometric_mean(pair):.3f}" for pair in per_pair)
+    return (
+        f"Over {len(cells)} cells (batch size x launch pair): auto / on geometric mean "
+        f"{statistics.geometric_mean(cells):.3f}, range {min(cells):.3f}-{max(cells):.3f}, "
+        f"below 1 in {sum(r < 1 for r in cells)} of {len(cells)}; per launch pair: {means}."
+    )
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Decode TPOT (ms) on {result['device']}; {result['new_tokens']} tokens per request "
@@ -150,7 +169,8 @@ def markdown(result: dict[str, Any]) -> str:
         "TPOT: mean over the requests of (last - first token time) / (tokens - 1); step: "
         "median gap between consecutive tokens (robust to a stray host stall); each the "
         f"median of {result['repeats']} timed rounds in each of "
-        f"{result.get('launches', 1)} launches per mode, launched auto, on, auto, on, ...",
+        f"{result.get('launches', 1)} launches per mode, launched "
+        f"{result.get('order', 'auto, on, auto, on, ...')}",
         "",
     ]
     for entry in result["runs"]:
@@ -186,6 +206,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {a['step_ms'] / o['step_ms']:.3f} "
                 f"| {', '.join(f'{x / y:.3f}' for x, y in pairs)} |"
             )
+        lines += ["", pooled(auto["rows"], on["rows"])]
         errors = auto.get("shutdown_errors", []) + on.get("shutdown_errors", [])
         if errors:
             lines += ["", f"After the timings: {'; '.join(sorted(set(errors)))}"]
@@ -202,7 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--warmup-tokens", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per batch size (median)")
-    p.add_argument("--launches", type=int, default=1, help="launches per mode, interleaved auto/on")
+    p.add_argument(
+        "--launches",
+        type=int,
+        default=1,
+        help="launches per mode, in the order auto, on, on, auto, ...",
+    )
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--out", default="tpot.json")
     p.add_argument("--markdown", help="also write the tables here")
@@ -218,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "new_tokens": ns.new_tokens,
         "repeats": ns.repeats,
         "launches": ns.launches,
+        "order": "auto, on, on, auto, auto, on, ...",
         "command": "PYTHONPATH=. python bench/bench_tpot.py " + " ".join(argv or sys.argv[1:]),
         "runs": [],
     }
@@ -231,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 config = model_config(arch, GPU_CONFIGS.get(arch))
                 launches: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
-                # auto, on, auto, on, ...: a drift over the run biases neither mode
-                for _ in range(ns.launches):
-                    for mode in MODES:
+                for i in range(ns.launches):
+                    # ABBA: a drift over the run (clocks, caches) hits both modes alike
+                    for mode in MODES if i % 2 == 0 else MODES[::-1]:
                         try:
                             launches[mode].append(run_engine(arch, config, tp, mode, ns))
                         except Exception as e:  # noqa: BLE001 - one failed launch must not stop the rest
