@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from bench.configs import GPU_CONFIGS, MODELS, available, model_config, publish, setup
+from bench.tpot_pairs import pooled
 from engine.llm_engine import LLMEngine
 from engine.sequence import SamplingParams
 from registry import PlanRefused
@@ -141,25 +142,6 @@ def merge(launches: list[dict[str, Any]]) -> dict[str, Any]:
         "plan": first["plan"],
         "counters": first["counters"],
     }
-
-
-def pooled(auto_rows: list[dict[str, Any]], on_rows: list[dict[str, Any]]) -> str:
-    """The auto / on TPOT ratios over every (batch size, launch pair) cell, and per launch
-    pair: cells of one pair share that pair's host speed, so the pairs are the samples."""
-    per_pair = list(
-        zip(*(
-            [x / y for x, y in zip(a.get("launch_tpot_ms", [a["tpot_ms"]]),
-                                   o.get("launch_tpot_ms", [o["tpot_ms"]]), strict=True)]
-            for a, o in zip(auto_rows, on_rows, strict=True)
-        ), strict=True)
-    )  # fmt: skip
-    cells = [r for pair in per_pair for r in pair]
-    means = ", ".join(f"{statistics.geometric_mean(pair):.3f}" for pair in per_pair)
-    return (
-        f"Over {len(cells)} cells (batch size x launch pair): auto / on geometric mean "
-        f"{statistics.geometric_mean(cells):.3f}, range {min(cells):.3f}-{max(cells):.3f}, "
-        f"below 1 in {sum(r < 1 for r in cells)} of {len(cells)}; per launch pair: {means}."
-    )
 
 
 def markdown(result: dict[str, Any]) -> str:

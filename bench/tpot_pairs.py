@@ -24,16 +24,37 @@ from typing import Any
 Key = tuple[str, int, bool]  # model, tp, plans differ
 
 
-def pair_ratios(entry: dict[str, Any]) -> list[float]:
-    auto, on = entry["auto"]["rows"], entry["on"]["rows"]
-    launches = len(auto[0].get("launch_tpot_ms", [None]))
-    return [
-        statistics.geometric_mean(
-            a.get("launch_tpot_ms", [a["tpot_ms"]])[i] / o.get("launch_tpot_ms", [o["tpot_ms"]])[i]
-            for a, o in zip(auto, on, strict=True)
-        )
-        for i in range(launches)
+def cell_ratios(
+    auto_rows: list[dict[str, Any]], on_rows: list[dict[str, Any]]
+) -> list[list[float]]:
+    """TPOT auto / on per launch pair (outer) and batch size (inner)."""
+
+    def tpots(row: dict[str, Any]) -> list[float]:
+        return row.get("launch_tpot_ms", [row["tpot_ms"]])
+
+    per_batch = [
+        [x / y for x, y in zip(tpots(a), tpots(o), strict=True)]
+        for a, o in zip(auto_rows, on_rows, strict=True)
     ]
+    return [list(pair) for pair in zip(*per_batch, strict=True)]
+
+
+def pair_ratios(entry: dict[str, Any]) -> list[float]:
+    pairs = cell_ratios(entry["auto"]["rows"], entry["on"]["rows"])
+    return [statistics.geometric_mean(pair) for pair in pairs]
+
+
+def pooled(auto_rows: list[dict[str, Any]], on_rows: list[dict[str, Any]]) -> str:
+    """One line under a table: the ratios over every (batch size, launch pair) cell, and the
+    geometric mean of each launch pair."""
+    pairs = cell_ratios(auto_rows, on_rows)
+    cells = [r for pair in pairs for r in pair]
+    means = ", ".join(f"{statistics.geometric_mean(pair):.3f}" for pair in pairs)
+    return (
+        f"Over {len(cells)} cells (batch size x launch pair): auto / on geometric mean "
+        f"{statistics.geometric_mean(cells):.3f}, range {min(cells):.3f}-{max(cells):.3f}, "
+        f"below 1 in {sum(r < 1 for r in cells)} of {len(cells)}; per launch pair: {means}."
+    )
 
 
 def plans_differ(entry: dict[str, Any]) -> bool:

@@ -7,8 +7,7 @@ import math
 
 import pytest
 
-from bench.bench_tpot import pooled
-from bench.tpot_pairs import collect, markdown, pair_ratios, permutation_p, u_statistic
+from bench.tpot_pairs import collect, markdown, pair_ratios, permutation_p, pooled, u_statistic
 
 
 def rows(per_batch: list[list[float]]) -> list[dict]:
