@@ -3,7 +3,8 @@
 For every model x topology x `--attn-tp-gather` mode the plan is resolved (refusals are
 listed as such), the engine is launched on CPU with the model's embedded config and one
 short request, and `gathered_buffer_bytes` is read from its report. The same bytes are
-computed from the plan alone (the graph runner on the meta device) and must agree; the
+computed from the plan alone (the model runner's allocation, on the meta device) and must
+agree; the
 last column gives them for the GPU benchmark shapes (`bench.configs.GPU_CONFIGS`, bf16) at
 `--cuda-graph-max-bs`.
 
@@ -20,9 +21,10 @@ from typing import Any
 import torch
 
 from bench.configs import GPU_CONFIGS, MODELS, available, model_config, publish
-from engine.graph_runner import GraphRunner
-from engine.llm_engine import LLMEngine
-from engine.sequence import SamplingParams
+from engine.frontend.llm_engine import LLMEngine
+from engine.messages import SamplingParams
+from engine.runtime.model_runner import gathered_buffer
+from engine.runtime.step_layout import capture_sizes
 from engine.server_args import ServerArgs
 from registry import PlanRefused, get_model_class, get_model_info, resolve_plan
 
@@ -42,9 +44,10 @@ MODES = ("auto", "on", "off")
 
 
 def planned_bytes(plan: Any, args: ServerArgs, hidden: int, dtype: torch.dtype) -> int:
-    meta = torch.device("meta")
-    g = GraphRunner(plan, args.cuda_graph_max_bs, args.disable_cuda_graph, hidden, dtype, meta)
-    return g.buffer_bytes
+    max_bs = args.cuda_graph_max_bs
+    sizes = [] if args.disable_cuda_graph else capture_sizes(max_bs, plan.token_alignment)
+    buf = gathered_buffer(plan, sizes, max_bs, hidden, dtype, torch.device("meta"))
+    return 0 if buf is None else buf.numel() * buf.element_size()
 
 
 def launched_bytes(args: ServerArgs) -> int:

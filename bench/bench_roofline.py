@@ -26,12 +26,11 @@ from typing import Any
 import torch
 
 from bench.configs import ROOFLINE_LLAMA, model_config, publish, setup
-from engine.distributed import get_parallel, set_parallel, single_process_state
-from engine.forward_batch import ForwardMode
-from engine.model_runner import ModelRunner
-from engine.scheduler import Scheduler
-from engine.sequence import Request, SamplingParams
-from engine.worker import limits_of
+from engine.messages import Request, SamplingParams
+from engine.model_api import ParallelState
+from engine.model_api.parallel import set_parallel
+from engine.runtime.model_runner import ModelRunner
+from engine.runtime.scheduler import Scheduler
 
 ARCH = "LlamaForCausalLM"
 COPY_BYTES = 2 * 1024**3
@@ -70,7 +69,7 @@ class Session:
         self, runner: ModelRunner, launch: Any, context: int, vocab: int, steps: int
     ) -> None:
         self.runner = runner
-        self.scheduler = Scheduler(runner.kv, runner.table, limits_of(launch), frozenset())
+        self.scheduler = Scheduler(runner.kv, runner.table, launch.limits, frozenset())
         prompt = torch.randint(0, vocab, (context,), generator=torch.Generator().manual_seed(0))
         params = SamplingParams(max_new_tokens=steps, ignore_eos=True)
         refused = self.scheduler.add(Request.make(0, prompt.tolist(), params, 0))
@@ -79,12 +78,10 @@ class Session:
 
     def step(self) -> Any:
         batch = self.scheduler.schedule()
-        g = self.runner.graphs
-        n = batch.num_tokens
-        rows = g.padded(n, n if g.can_run(n, batch.mode is ForwardMode.DECODE) else None)
-        tokens, logprobs = self.runner.step(batch, rows, [rows])
+        layout = self.runner.layouter.local(batch.mode, batch.num_tokens)
+        tokens, logprobs = self.runner.step(batch, layout)
         self.scheduler.update(batch, tokens, logprobs)
-        return batch, rows
+        return batch, layout.rows
 
 
 def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
@@ -107,13 +104,13 @@ def profile_eager(runner: ModelRunner, session: Session) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     batch = session.scheduler.schedule()
-    fb = runner.prepare(batch, 1, [1])
+    fb = runner.prepare(batch, runner.layouter.local(batch.mode, batch.num_tokens))
     with torch.inference_mode():
-        runner.backend.prepare(fb)
+        runner.backend.plan(fb)
         runner.model.forward(fb)  # warm
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            runner.backend.prepare(fb)
+            runner.backend.plan(fb)
             runner.model.forward(fb)
             torch.cuda.synchronize()
     families: dict[str, float] = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
@@ -145,14 +142,15 @@ def main(argv: list[str] | None = None) -> int:
         print("needs CUDA", file=sys.stderr)
         return 2
     torch.cuda.set_device(0)
-    set_parallel(single_process_state(torch.device("cuda", 0)))
+    parallel = ParallelState.single(torch.device("cuda", 0))
+    set_parallel(parallel)
     config = model_config(ARCH, ROOFLINE_LLAMA)
     argv_engine = ["--device", "cuda", "--dtype", "bfloat16", "--cuda-graph-max-bs", "1",
                    "--max-running-requests", "1", "--max-total-tokens", str(ns.context + 4096),
                    "--max-prefill-tokens", str(ns.context)]  # fmt: skip
     s = setup(ARCH, config, argv_engine)
     start = time.perf_counter()
-    runner = ModelRunner(s.launch.source, s.launch.args, s.launch.plan, get_parallel())
+    runner = ModelRunner(s.launch, parallel)
     load_s = time.perf_counter() - start
     if 1 not in runner.graphs.graphs:
         print("no CUDA graph was captured at batch 1; the figure needs one", file=sys.stderr)

@@ -29,22 +29,22 @@ import torch
 import torch.multiprocessing as mp
 
 from bench.configs import publish
-from engine.llm_engine import LLMEngine
-from engine.sequence import SamplingParams
+from engine.frontend.llm_engine import LLMEngine
+from engine.messages import SamplingParams
 from engine.server_args import ServerArgs
 
 SYNC_VECTOR = [8, 1, 0, 1, 0, 3]  # num_tokens, can_run_graph, is_extend, has_work, idle, seen
 
 
 def _collective_loop(rank: int, tp: int, init: str, calls: int, out: Any) -> None:
-    from engine.distributed import (
+    from engine.runtime.process_groups import (
         broadcast_ints,
         broadcast_object,
         cpu_all_gather_ints,
         destroy_parallel,
         init_parallel,
     )
-    from engine.worker import Intake
+    from engine.runtime.worker import Intake
 
     torch.set_num_threads(1)
     init_parallel(rank, tp, 1, torch.device("cpu"), init, 60)
@@ -71,7 +71,7 @@ def _collective_loop(rank: int, tp: int, init: str, calls: int, out: Any) -> Non
 
 def collective_us(tp: int, calls: int) -> dict[str, dict[str, float]]:
     """Per collective a step may run, its time on rank 0: median and quartiles, in µs."""
-    from engine.launcher import init_method
+    from engine.frontend.launcher import init_method
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()

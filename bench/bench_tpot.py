@@ -5,7 +5,7 @@ batch size runs a warm-up round (first all of them, then again right before its 
 then `--repeats` timed rounds: all requests submitted at once, so after the shared prefill
 every step decodes exactly that batch. TPOT is the mean over the
 requests of (last token time - first token time) / (tokens - 1), as the front end sees it
-(`engine.sequence.Result.tpot`); the step time, the median gap between one request's
+(`engine.frontend.results.Result.tpot`); the step time, the median gap between one request's
 consecutive tokens, is the same figure without the odd host stall. Both modes run with the
 all2all MoE backend, the topology where the gather question arises at every TP size
 (`--attn-tp-gather on` needs it).
@@ -31,8 +31,8 @@ import torch
 
 from bench.configs import GPU_CONFIGS, MODELS, available, model_config, publish, setup
 from bench.tpot_pairs import pooled
-from engine.llm_engine import LLMEngine
-from engine.sequence import SamplingParams
+from engine.frontend.llm_engine import LLMEngine
+from engine.messages import SamplingParams
 from registry import PlanRefused
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)

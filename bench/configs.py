@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.launcher import Setup, init_method
-from engine.model_runner import ModelSource
+from engine.frontend.launcher import Setup, init_method
+from engine.frontend.tokenizer import eos_ids
+from engine.messages import Launch, ModelSource
 from engine.server_args import ServerArgs
-from engine.worker import Launch
 from registry import ModelLoadError, UnknownArchitecture, get_model_info, resolve_plan
 
 MODELS = ("LlamaForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM")
@@ -73,7 +73,7 @@ def model_config(arch: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def setup(arch: str, config: dict[str, Any], argv: list[str]) -> Setup:
-    """What `engine.launcher.prepare` makes, for `config` with seeded random weights.
+    """What `engine.frontend.launcher.prepare` makes, for `config` with seeded random weights.
 
     Raises PlanRefused when the server arguments do not fit the model.
     """
@@ -81,7 +81,8 @@ def setup(arch: str, config: dict[str, Any], argv: list[str]) -> Setup:
     info = get_model_info(arch)
     plan = resolve_plan(info.capabilities, args, model=arch)
     source = ModelSource(arch, config, None)
-    return Setup(Launch(args, plan, source, init_method(args)), info, None)
+    launch = Launch(args, plan, source, init_method(args), eos_ids(source.namespace))
+    return Setup(launch, info, None)
 
 
 def publish(result: dict[str, Any], text: str, out: str, markdown: str | None) -> None:

@@ -17,11 +17,11 @@ from registry.args import Parser
 # (a list of str) and returns an exit code (None means 0); user mistakes go through
 # registry.args.fail / Parser (one line "parcap: error: ...", exit 2).
 # `generate` and `serve` register here, e.g.
-#   "generate": ("engine.generate:main", "run prompts through a model, JSONL out"),
+#   "generate": ("engine.entrypoints.generate:main", "run prompts through a model, JSONL out"),
 COMMANDS: dict[str, tuple[str, str]] = {
     "registry": ("engine.cli:_registry", "inspect model declarations and the parallel plan"),
-    "generate": ("engine.generate:main", "run prompts through a model, JSONL out"),
-    "serve": ("engine.serve:main", "serve a model over an OpenAI-compatible HTTP API"),
+    "generate": ("engine.entrypoints.generate:main", "run prompts through a model, JSONL out"),
+    "serve": ("engine.entrypoints.serve:main", "serve a model over an OpenAI-compatible HTTP API"),
 }
 
 

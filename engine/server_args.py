@@ -17,6 +17,7 @@ import argparse
 
 from attrs import frozen
 
+from engine.attention.registry import AUTO, choices
 from registry.args import PlanArgs, at_least, fail, option, optional_str
 from registry.capabilities import is_bool
 
@@ -46,6 +47,12 @@ class ServerArgs(PlanArgs):
         "auto",
         choices=DTYPES,
         help="weight and activation dtype; auto is float32 on cpu, bfloat16 on cuda",
+    )
+    attention_backend: str = option(
+        AUTO,
+        choices=choices(),
+        help="attention kernels: auto takes flashinfer on cuda where it is installed and "
+        "serves the model, else torch",
     )
     seed: int = option(0, validator=at_least(0), metavar="N", help="random seed")
     cuda_graph_max_bs: int = option(

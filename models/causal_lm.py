@@ -11,18 +11,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.forward_batch import ForwardBatch
-from engine.model_config import tie_word_embeddings
-from engine.tokenizer import BYTE_BOS, BYTE_EOS
+from engine.model_api import ForwardBatch, ModelBase, ModelContext
+from engine.model_api.config import tie_word_embeddings
 from models.layers.embedding import ParallelLMHead
 from models.layers.logits import LogitsProcessor
 
-# Every embedded tiny config speaks the byte tokenizer (ids 0-255 are bytes, then BOS and
-# EOS; engine.tokenizer) and has float32 weights.
+# Every embedded tiny config speaks the front end's byte tokenizer (ids 0-255 are bytes,
+# then BOS and EOS, which the config names) and has float32 weights.
 TINY_COMMON: dict[str, Any] = {
     "vocab_size": 384,
-    "bos_token_id": BYTE_BOS,
-    "eos_token_id": BYTE_EOS,
+    "bos_token_id": 256,
+    "eos_token_id": 257,
     "pad_token_id": None,
     "tie_word_embeddings": False,
     "dtype": "float32",
@@ -30,16 +29,16 @@ TINY_COMMON: dict[str, Any] = {
 }
 
 
-class CausalLM(nn.Module):
+class CausalLM(ModelBase):
     """`model` (with `embed_tokens`) under a vocab-parallel LM head over attention-TP (under
     DP attention each group samples its own rows), tied to the embedding when the config
     says so."""
 
-    def __init__(self, config: types.SimpleNamespace, model: nn.Module) -> None:
-        super().__init__()
+    def __init__(self, config: types.SimpleNamespace, ctx: ModelContext, model: nn.Module) -> None:
+        super().__init__(config, ctx)
         self.config = config
         self.model = model
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, group="attn_tp")
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx.parallel.attn_tp)
         if tie_word_embeddings(config):
             self.lm_head.tie(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor()

@@ -14,7 +14,8 @@ all-reduce. Its MLP then runs in one of two ways, fixed when the layer is built:
   intermediate-sharded MLP, all-reduced over "tp". Under DP attention the layer first
   gathers every attention-DP group's rows itself (`batch.global_num_tokens`).
 
-So the model never reads `batch.gathered_buffer` and declares ``self_managed_sp=True``.
+So the model never reads `batch.gathered_buffer` and declares ``self_managed_sp=True``; the
+plan then keeps `num_token_non_padded` the group's count (`shard_local_token_count`).
 """
 
 from __future__ import annotations
@@ -26,25 +27,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.communicator import moe_settings
-from engine.distributed import all_gather_uneven, all_reduce, get_parallel
-from engine.forward_batch import ForwardBatch
-from engine.loader import Weights
+from engine.model_api import ForwardBatch, MLASpec, ModelContext, ParallelState, Weights
+from engine.model_api.parallel import all_gather_uneven, all_reduce, shard_sizes
 from models.causal_lm import TINY_COMMON, CausalLM, causal_lm_shapes
 from models.layers.embedding import VocabParallelEmbedding
 from models.layers.mla import MLAAttention, mla_shapes
 from models.layers.mlp import GatedMLP, gated_mlp_shapes
-from models.layers.moe import MoE, load_with_experts, max_rows_per_rank, moe_shapes
+from models.layers.moe import MoE
+from models.layers.moe_weights import load_with_experts, moe_shapes
 from models.layers.norm import RMSNorm
 from models.layers.router import grouped_topk
 from registry import ParallelCapabilities
 
 MTP_LAYER = re.compile(r"model\.layers\.(\d+)\.")
-
-
-def shard_sizes(n: int, parts: int) -> list[int]:
-    """Rows of each of `parts` ranks when `n` rows are split as evenly as possible."""
-    return [n // parts + (i < n % parts) for i in range(parts)]
 
 
 def is_moe_layer(config: types.SimpleNamespace, layer_id: int) -> bool:
@@ -60,16 +55,17 @@ def is_moe_layer(config: types.SimpleNamespace, layer_id: int) -> bool:
 class DeepseekV3MoE(MoE):
     """Sigmoid grouped top-k routing with the correction bias, plus the shared experts."""
 
-    def __init__(self, config: types.SimpleNamespace, replicated: bool) -> None:
+    def __init__(self, config: types.SimpleNamespace, ctx: ModelContext, replicated: bool) -> None:
         shared = None
         if getattr(config, "n_shared_experts", None):
             inter = config.moe_intermediate_size * config.n_shared_experts
-            shared = GatedMLP(config.hidden_size, inter, replicated=replicated)
+            shared = GatedMLP(config.hidden_size, inter, ctx.parallel.tp, replicated)
         super().__init__(
             config.hidden_size,
             config.n_routed_experts,
             config.moe_intermediate_size,
             self.route_tokens,
+            ctx,
             shared,
             logits_fp32=True,
         )
@@ -98,18 +94,18 @@ class DeepseekV3MoE(MoE):
 
 
 class DeepseekV3DecoderLayer(nn.Module):
-    def __init__(self, config: types.SimpleNamespace, layer_id: int) -> None:
+    def __init__(self, config: types.SimpleNamespace, layer_id: int, ctx: ModelContext) -> None:
         super().__init__()
-        settings = moe_settings()
-        self.self_attn = MLAAttention(config, layer_id)
+        self.parallel: ParallelState = ctx.parallel
+        self.self_attn = MLAAttention(config, layer_id, ctx)
         self.is_moe = is_moe_layer(config, layer_id)
         if self.is_moe:
-            self.token_parallel = settings.a2a_backend == "all2all"
-            self.mlp = DeepseekV3MoE(config, replicated=self.token_parallel)
+            self.token_parallel = ctx.moe.a2a_backend == "all2all"
+            self.mlp = DeepseekV3MoE(config, ctx, replicated=self.token_parallel)
         else:
-            self.token_parallel = settings.dense_tp_size == 1
+            self.token_parallel = ctx.moe.dense_tp_size == 1
             self.mlp = GatedMLP(
-                config.hidden_size, config.intermediate_size, replicated=self.token_parallel
+                config.hidden_size, config.intermediate_size, ctx.parallel.tp, self.token_parallel
             )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -120,11 +116,11 @@ class DeepseekV3DecoderLayer(nn.Module):
         """The residual stream [rows, hidden], all of the group's rows, in and out."""
         x = x + self.self_attn(positions, self.input_layernorm(x), batch)
         if self.token_parallel:
-            return self.mlp_on_token_shard(x, batch.num_token_non_padded, max_rows_per_rank(batch))
-        if get_parallel().attn_dp_size > 1:
+            return self.mlp_on_token_shard(x, batch.num_token_non_padded, batch.max_rows_per_rank)
+        if self.parallel.attn_dp_size > 1:
             return self.mlp_over_dp_groups(x, batch.global_num_tokens)
         h = self.run_mlp(self.post_attention_layernorm(x), batch.num_token_non_padded)
-        return x + all_reduce(h, "tp")
+        return x + all_reduce(h, self.parallel.tp)
 
     def run_mlp(
         self, h: torch.Tensor, num_valid: int | None, max_rows: int | None = None
@@ -136,14 +132,14 @@ class DeepseekV3DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """This rank's share of the group's `num_tokens` real rows through the whole MLP,
         then all-gathered over attention-TP. A shard-local count here would drop the other
-        ranks' rows (SGLang issue #38606), so the engine passes the global one. `max_rows`
+        ranks' rows (SGLang issue #38606), so the plan keeps the group's. `max_rows`
         bounds every "tp" rank's share (the all-to-all MoE's exchange)."""
-        p = get_parallel()
+        p = self.parallel
         sizes = shard_sizes(num_tokens, p.attn_tp_size)
         start = sum(sizes[: p.attn_tp_rank])
         shard = x[start : start + sizes[p.attn_tp_rank]]
         shard = shard + self.run_mlp(self.post_attention_layernorm(shard), None, max_rows)
-        out = all_gather_uneven(shard, sizes, "attn_tp")
+        out = all_gather_uneven(shard, sizes, p.attn_tp)
         padding = x.shape[0] - num_tokens
         return torch.cat([out, out.new_zeros(padding, out.shape[1])]) if padding else out
 
@@ -152,7 +148,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         `global_num_tokens` is known of other groups). Each attention-TP rank contributes a
         slice of its group's rows, so the "tp" gather holds each group's rows once, in
         group order; after the all-reduce this group's rows are sliced back."""
-        p = get_parallel()
+        p = self.parallel
         if x.shape[0] != group_rows[p.attn_dp_rank]:
             raise ValueError(
                 f"{x.shape[0]} rows, but global_num_tokens gives this attention-DP group "
@@ -162,20 +158,20 @@ class DeepseekV3DecoderLayer(nn.Module):
         local = shard_sizes(x.shape[0], p.attn_tp_size)
         start = sum(local[: p.attn_tp_rank])
         h = self.post_attention_layernorm(x[start : start + local[p.attn_tp_rank]])
-        h = all_reduce(self.run_mlp(all_gather_uneven(h, sizes, "tp"), None), "tp")
+        h = all_reduce(self.run_mlp(all_gather_uneven(h, sizes, p.tp), None), p.tp)
         offset = sum(group_rows[: p.attn_dp_rank])
         return x + h[offset : offset + x.shape[0]]
 
 
 class DeepseekV3Model(nn.Module):
-    def __init__(self, config: types.SimpleNamespace) -> None:
+    def __init__(self, config: types.SimpleNamespace, ctx: ModelContext) -> None:
         super().__init__()
         # Over attention-TP: under DP attention each group embeds and samples its own rows.
         self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, group="attn_tp"
+            config.vocab_size, config.hidden_size, ctx.parallel.attn_tp
         )
         self.layers = nn.ModuleList(
-            DeepseekV3DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+            DeepseekV3DecoderLayer(config, i, ctx) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -190,12 +186,12 @@ class DeepseekV3ForCausalLM(CausalLM):
     parallel_capabilities = ParallelCapabilities(self_managed_sp=True)
     packed_modules_mapping = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, config: types.SimpleNamespace) -> None:
+    def __init__(self, config: types.SimpleNamespace, ctx: ModelContext) -> None:
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(
                 f"DeepseekV3ForCausalLM supports hidden_act 'silu' (got {config.hidden_act!r})"
             )
-        super().__init__(config, DeepseekV3Model(config))
+        super().__init__(config, ctx, DeepseekV3Model(config, ctx))
 
     def load_weights(self, weights: Weights) -> None:
         load_with_experts(self, weights, self.packed_modules_mapping)
@@ -208,6 +204,9 @@ class DeepseekV3ForCausalLM(CausalLM):
 
     def kv_cache_shapes(self) -> list[list[tuple[int, ...]]]:
         return [layer.self_attn.kv_cache_shapes() for layer in self.model.layers]
+
+    def attention_spec(self) -> MLASpec:
+        return self.model.layers[0].self_attn.spec
 
     @staticmethod
     def tiny_config() -> dict[str, Any]:

@@ -8,10 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.communicator import LayerCommunicator, ScatterMode, final_norm, mlp_mode
-from engine.forward_batch import ForwardBatch
-from engine.loader import Weights, load_params
-from engine.model_config import head_dim, num_kv_heads, rope_parameters
+from engine.model_api import AttentionSpec, ForwardBatch, ModelContext, Weights, load_params
+from engine.model_api.communicator import LayerCommunicator, ScatterMode, final_norm, mlp_mode
+from engine.model_api.config import head_dim, num_kv_heads, rope_parameters
 from models.causal_lm import TINY_COMMON, CausalLM, causal_lm_shapes
 from models.layers.attention import Attention
 from models.layers.embedding import VocabParallelEmbedding
@@ -22,24 +21,16 @@ from models.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: types.SimpleNamespace, layer_id: int) -> None:
+    def __init__(self, config: types.SimpleNamespace, layer_id: int, ctx: ModelContext) -> None:
         super().__init__()
         dim = head_dim(config)
         bias = getattr(config, "attention_bias", False)
+        group = ctx.parallel.attn_tp
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size,
-            dim,
-            config.num_attention_heads,
-            num_kv_heads(config),
-            bias,
-            "attn_tp",
+            config.hidden_size, dim, config.num_attention_heads, num_kv_heads(config), group, bias
         )
         self.o_proj = RowParallelLinear(
-            config.num_attention_heads * dim,
-            config.hidden_size,
-            bias,
-            reduce_results=False,
-            group="attn_tp",
+            config.num_attention_heads * dim, config.hidden_size, group, bias, reduce_results=False
         )
         self.rotary_emb = RotaryEmbedding(
             dim, rope_parameters(config), config.max_position_embeddings
@@ -74,37 +65,40 @@ def llama_attention_shapes(
     )
 
 
-def llama_mlp(config: types.SimpleNamespace) -> GatedMLP:
+def llama_mlp(config: types.SimpleNamespace, ctx: ModelContext) -> GatedMLP:
     """TP-sharded over "tp", or replicated under ``--moe-dense-tp-size 1`` (then it runs on
     the rank's scattered rows)."""
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"dense MLP supports hidden_act 'silu' (got {config.hidden_act!r})")
-    replicated = mlp_mode(is_moe=False) is ScatterMode.SCATTERED
+    replicated = mlp_mode(False, ctx.moe) is ScatterMode.SCATTERED
     bias = getattr(config, "mlp_bias", False)
-    return GatedMLP(config.hidden_size, config.intermediate_size, replicated, bias)
+    return GatedMLP(config.hidden_size, config.intermediate_size, ctx.parallel.tp, replicated, bias)
 
 
 class LlamaDecoderLayer(nn.Module):
     attention_cls: type[LlamaAttention] = LlamaAttention
 
-    def __init__(self, config: types.SimpleNamespace, layer_id: int) -> None:
+    def __init__(self, config: types.SimpleNamespace, layer_id: int, ctx: ModelContext) -> None:
         super().__init__()
-        self.self_attn = self.attention_cls(config, layer_id)
+        self.self_attn = self.attention_cls(config, layer_id, ctx)
         self.is_moe = self.is_moe_layer(config, layer_id)
-        self.mlp = self.make_mlp(config)
+        self.mlp = self.make_mlp(config, ctx)
         # transformers' default for both Llama and Qwen3-MoE configs
         eps = getattr(config, "rms_norm_eps", 1e-6)
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
         self.comm = LayerCommunicator(
-            self.input_layernorm, self.post_attention_layernorm, self.is_moe
+            self.input_layernorm,
+            self.post_attention_layernorm,
+            mlp_mode(self.is_moe, ctx.moe),
+            ctx.parallel,
         )
 
     def is_moe_layer(self, config: types.SimpleNamespace, layer_id: int) -> bool:
         return False
 
-    def make_mlp(self, config: types.SimpleNamespace) -> nn.Module:
-        return llama_mlp(config)
+    def make_mlp(self, config: types.SimpleNamespace, ctx: ModelContext) -> nn.Module:
+        return llama_mlp(config, ctx)
 
     def run_mlp(self, hidden: torch.Tensor, num_valid: int | None, batch: ForwardBatch):
         return self.mlp(hidden)
@@ -126,14 +120,15 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     layer_cls: type[nn.Module] = LlamaDecoderLayer
 
-    def __init__(self, config: types.SimpleNamespace) -> None:
+    def __init__(self, config: types.SimpleNamespace, ctx: ModelContext) -> None:
         super().__init__()
         # vocab-parallel over attention-TP: each attention-DP group embeds its own rows
+        self.attn_tp = ctx.parallel.attn_tp
         self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, group="attn_tp"
+            config.vocab_size, config.hidden_size, self.attn_tp
         )
         self.layers = nn.ModuleList(
-            self.layer_cls(config, i) for i in range(config.num_hidden_layers)
+            self.layer_cls(config, i, ctx) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, getattr(config, "rms_norm_eps", 1e-6))
 
@@ -141,7 +136,7 @@ class LlamaModel(nn.Module):
         hidden, residual = self.embed_tokens(batch.input_ids), None
         for layer in self.layers:
             hidden, residual = layer(batch.positions, hidden, residual, batch)
-        return final_norm(self.norm, hidden, residual, batch)
+        return final_norm(self.norm, hidden, residual, batch, self.attn_tp)
 
 
 class LlamaForCausalLM(CausalLM):
@@ -155,14 +150,17 @@ class LlamaForCausalLM(CausalLM):
 
     model_cls: type[nn.Module] = LlamaModel
 
-    def __init__(self, config: types.SimpleNamespace) -> None:
-        super().__init__(config, self.model_cls(config))
+    def __init__(self, config: types.SimpleNamespace, ctx: ModelContext) -> None:
+        super().__init__(config, ctx, self.model_cls(config, ctx))
 
     def load_weights(self, weights: Weights) -> None:
         load_params(self, weights, self.packed_modules_mapping)
 
     def kv_cache_shapes(self) -> list[list[tuple[int, ...]]]:
         return [layer.self_attn.attn.kv_cache_shapes() for layer in self.model.layers]
+
+    def attention_spec(self) -> AttentionSpec:
+        return self.model.layers[0].self_attn.attn.spec
 
     @staticmethod
     def tiny_config() -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Qwen3-MoE as transformers 5.23 `Qwen3MoeForCausalLM`: GQA attention with per-head q/k
 RMSNorm, softmax top-k routed experts, dense MLP layers where the config says so.
 
-Tensor-parallel through the engine's layer communicator (`engine.communicator`), so it
+Tensor-parallel through the engine's layer communicator (`engine.model_api.communicator`), so it
 declares no capabilities: the plan's attn_tp_gather applies to it as is.
 """
 
@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.forward_batch import ForwardBatch
-from engine.loader import Weights
-from engine.model_config import head_dim
+from engine.model_api import ForwardBatch, ModelContext, Weights
+from engine.model_api.config import head_dim
 from models.causal_lm import TINY_COMMON, causal_lm_shapes
 from models.layers.mlp import gated_mlp_shapes
-from models.layers.moe import MoE, load_with_experts, max_rows_per_rank, moe_shapes
+from models.layers.moe import MoE
+from models.layers.moe_weights import load_with_experts, moe_shapes
 from models.layers.norm import RMSNorm
 from models.layers.router import softmax_topk
 from models.llama import (
@@ -48,10 +48,10 @@ def is_sparse_layer(config: types.SimpleNamespace, layer_id: int) -> bool:
 class Qwen3MoeAttention(LlamaAttention):
     """Llama's attention with an RMSNorm over each q and k head before RoPE."""
 
-    def __init__(self, config: types.SimpleNamespace, layer_id: int) -> None:
+    def __init__(self, config: types.SimpleNamespace, layer_id: int, ctx: ModelContext) -> None:
         if getattr(config, "use_sliding_window", False):
             raise ValueError("Qwen3MoeForCausalLM: use_sliding_window is not supported")
-        super().__init__(config, layer_id)
+        super().__init__(config, layer_id, ctx)
         dim, eps = head_dim(config), getattr(config, "rms_norm_eps", 1e-6)
         self.q_norm = RMSNorm(dim, eps)
         self.k_norm = RMSNorm(dim, eps)
@@ -68,7 +68,7 @@ class Qwen3MoeAttention(LlamaAttention):
 
 
 class Qwen3MoeSparseMoeBlock(MoE):
-    def __init__(self, config: types.SimpleNamespace) -> None:
+    def __init__(self, config: types.SimpleNamespace, ctx: ModelContext) -> None:
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(
                 f"Qwen3-MoE experts support hidden_act 'silu' (got {config.hidden_act!r})"
@@ -80,6 +80,7 @@ class Qwen3MoeSparseMoeBlock(MoE):
             num_experts(config),
             config.moe_intermediate_size,
             route=lambda logits, num_valid: softmax_topk(logits, top_k, renormalize, num_valid),
+            ctx=ctx,
         )
 
 
@@ -89,12 +90,12 @@ class Qwen3MoeDecoderLayer(LlamaDecoderLayer):
     def is_moe_layer(self, config: types.SimpleNamespace, layer_id: int) -> bool:
         return is_sparse_layer(config, layer_id)
 
-    def make_mlp(self, config: types.SimpleNamespace) -> nn.Module:
-        return Qwen3MoeSparseMoeBlock(config) if self.is_moe else llama_mlp(config)
+    def make_mlp(self, config: types.SimpleNamespace, ctx: ModelContext) -> nn.Module:
+        return Qwen3MoeSparseMoeBlock(config, ctx) if self.is_moe else llama_mlp(config, ctx)
 
     def run_mlp(self, hidden: torch.Tensor, num_valid: int | None, batch: ForwardBatch):
         if self.is_moe:
-            return self.mlp(hidden, num_valid, max_rows_per_rank(batch))
+            return self.mlp(hidden, num_valid, batch.max_rows_per_rank)
         return self.mlp(hidden)
 
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-from collections.abc import Iterator, Mapping
-from typing import Any, Generic, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 from attrs import field, frozen
 
 from registry.capabilities import ParallelCapabilities
 
-T = TypeVar("T")
+# re-exported: other modules import the typed registry from here
+from registry.typed_registry import DuplicateName, Registry
 
 GROUP = "parcap.models"
 BUILTIN_MODELS: Mapping[str, str] = {
@@ -25,10 +26,6 @@ BUILTIN_MODELS: Mapping[str, str] = {
     "Qwen3MoeForCausalLM": "models.qwen3_moe:Qwen3MoeForCausalLM",
     "DeepseekV3ForCausalLM": "models.deepseek_v3:DeepseekV3ForCausalLM",
 }
-
-
-class DuplicateName(ValueError):
-    """A name registered twice; the message names both sides."""
 
 
 class UnknownArchitecture(LookupError):
@@ -47,38 +44,6 @@ class ModelLoadError(RuntimeError):
         self.architecture = architecture
         self.error = error
         super().__init__(f"model {architecture!r}: {error}")
-
-
-class Registry(Generic[T]):
-    """Names to values of one kind; registering a taken name is refused."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        self._items: dict[str, T] = {}
-
-    def add(self, name: str, value: T) -> None:
-        if name in self._items:
-            raise DuplicateName(
-                f"{self.kind} {name!r} is already registered by {self._items[name]}; "
-                f"refusing {value}"
-            )
-        self._items[name] = value
-
-    def __getitem__(self, name: str) -> T:
-        return self._items[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def names(self) -> list[str]:
-        """Sorted names, e.g. for argparse ``choices=``."""
-        return sorted(self._items)
 
 
 @frozen

@@ -46,8 +46,11 @@ class ParallelPlan:
 
     attn_tp_gather: models using the engine's communicator reduce-scatter after
         attention and all-gather into the gathered buffer; each step's token count
-        is padded to `token_alignment`; `num_token_non_padded` becomes shard-local
-        (never for a model with ``capabilities.self_managed_sp``).
+        is padded to `token_alignment`.
+    shard_local_token_count: `num_token_non_padded`, the real rows a rank's model input
+        holds, counts this rank's shard of its group's rows (a communicator user under
+        attn_tp_gather) rather than the whole attention-TP group's (every other case, and
+        always a model that splits the group's tokens itself: SGLang issue #38606).
     mlp_tp_gather: MLP input is all-gathered across the attention-DP groups of a
         TP group instead of all-reduced.
     gathered_buffer: the graph runner allocates the gathered buffer once.
@@ -56,6 +59,7 @@ class ParallelPlan:
     """
 
     attn_tp_gather: Decision
+    shard_local_token_count: Decision
     mlp_tp_gather: Decision
     gathered_buffer: Decision
     mlp_sync: Decision
@@ -78,6 +82,7 @@ class ParallelPlan:
     def to_json(self) -> dict[str, Any]:
         return {
             "attn_tp_gather": self.attn_tp_gather.to_json(),
+            "shard_local_token_count": self.shard_local_token_count.to_json(),
             "mlp_tp_gather": self.mlp_tp_gather.to_json(),
             "gathered_buffer": self.gathered_buffer.to_json(),
             "mlp_sync": self.mlp_sync.to_json(),
@@ -132,6 +137,7 @@ def resolve_plan(
 
     return ParallelPlan(
         attn_tp_gather=attn_tp,
+        shard_local_token_count=_token_count(attn_tp, capabilities),
         mlp_tp_gather=mlp_tp,
         gathered_buffer=buffer,
         mlp_sync=sync,
@@ -197,6 +203,32 @@ def _attn_tp_gather(s: PlanArgs, caps: ParallelCapabilities, model: str | None) 
             f"and consumes no gathered buffer, although {why}",
         )
     return Decision(needed, "server_args", why)
+
+
+def _token_count(attn_tp: Decision, caps: ParallelCapabilities) -> Decision:
+    """Whether `num_token_non_padded` is shard-local (SGLang's
+    adjust_num_token_non_padded_for_attn_tp) or counts the attention-TP group's rows."""
+    if caps.self_managed_sp and (attn_tp.value or attn_tp.source == "model"):
+        return Decision(
+            False,
+            "model",
+            "the model splits its group's tokens across attention-TP ranks itself "
+            "(self_managed_sp=True) and needs the group's count; a shard-local one would "
+            "drop the other ranks' tokens (SGLang #38606)",
+        )
+    if not attn_tp.value:
+        return Decision(
+            False,
+            attn_tp.source,
+            "attn_tp_gather is off: every attention-TP rank holds all of its group's rows, "
+            "so num_token_non_padded counts the group's",
+        )
+    return Decision(
+        True,
+        attn_tp.source,
+        "attn_tp_gather scatters the rows over attention-TP: num_token_non_padded counts "
+        "the real rows of this rank's shard",
+    )
 
 
 def _mlp_tp_gather(s: PlanArgs) -> Decision:

@@ -6,16 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import all_gather_last_dim, all_reduce
-from engine.loader import WeightSource
-from models.layers.linear import group_rank_size
+from engine.model_api.parallel import RankGroup, all_gather_last_dim, all_reduce
+from engine.model_api.weights import WeightSource
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, num_embeddings: int, embedding_dim: int, group: str = "tp") -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, group: RankGroup) -> None:
         super().__init__()
         self.group = group
-        self.tp_rank, self.tp_size = group_rank_size(group)
+        self.tp_rank, self.tp_size = group.rank, group.size
         self.num_embeddings = num_embeddings
         self.padded_size = -(-num_embeddings // self.tp_size) * self.tp_size
         self.shard_size = self.padded_size // self.tp_size

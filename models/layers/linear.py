@@ -6,18 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import all_gather_last_dim, all_reduce, get_parallel
-from engine.loader import WeightSource
+from engine.model_api.parallel import RankGroup, all_gather_last_dim, all_reduce
+from engine.model_api.weights import WeightSource
 
-
-def group_rank_size(group: str) -> tuple[int, int]:
-    """This rank's index and the size of TP group `group` ("tp" or "attn_tp")."""
-    p = get_parallel()
-    if group == "tp":
-        return p.rank % p.tp_size, p.tp_size
-    if group == "attn_tp":
-        return p.attn_tp_rank, p.attn_tp_size
-    raise ValueError(f"'group' must be 'tp' or 'attn_tp' (got {group!r})")
+# the group a layer that shards nothing is "sharded" over
+UNSHARDED = RankGroup.single("tp")
 
 
 def linear_shapes(
@@ -37,10 +30,10 @@ def divide(total: int, parts: int, what: str) -> int:
 
 
 class LinearBase(nn.Module):
-    def __init__(self, in_local: int, out_local: int, bias: bool, group: str) -> None:
+    def __init__(self, in_local: int, out_local: int, bias: bool, group: RankGroup) -> None:
         super().__init__()
         self.group = group
-        self.tp_rank, self.tp_size = group_rank_size(group)
+        self.tp_rank, self.tp_size = group.rank, group.size
         self.weight = nn.Parameter(torch.empty(out_local, in_local), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         self.bias = None
@@ -57,7 +50,7 @@ class LinearBase(nn.Module):
 
 class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
-        super().__init__(input_size, output_size, bias, "tp")
+        super().__init__(input_size, output_size, bias, UNSHARDED)
 
     def weight_loader(self, param: nn.Parameter, source: WeightSource) -> None:
         param.data.copy_(source.full())
@@ -70,12 +63,11 @@ class ColumnParallelLinear(LinearBase):
         self,
         input_size: int,
         output_size: int,
+        group: RankGroup,
         bias: bool = False,
         gather_output: bool = False,
-        group: str = "tp",
     ) -> None:
-        _, size = group_rank_size(group)
-        super().__init__(input_size, divide(output_size, size, "output_size"), bias, group)
+        super().__init__(input_size, divide(output_size, group.size, "output_size"), bias, group)
         self.gather_output = gather_output
 
     def weight_loader(self, param: nn.Parameter, source: WeightSource) -> None:
@@ -91,10 +83,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs fused (gate and up); shard id = index in `output_sizes`."""
 
     def __init__(
-        self, input_size: int, output_sizes: list[int], bias: bool = False, group: str = "tp"
+        self, input_size: int, output_sizes: list[int], group: RankGroup, bias: bool = False
     ) -> None:
         self.output_sizes = list(output_sizes)
-        super().__init__(input_size, sum(output_sizes), bias, group=group)
+        super().__init__(input_size, sum(output_sizes), group, bias)
         for size in self.output_sizes:
             divide(size, self.tp_size, "each merged output size")
 
@@ -114,11 +106,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         head_dim: int,
         num_heads: int,
         num_kv_heads: int,
+        group: RankGroup,
         bias: bool = False,
-        group: str = "tp",
         v_head_dim: int | None = None,
     ) -> None:
-        _, tp = group_rank_size(group)
+        tp = group.size
         self.head_dim = head_dim
         self.v_head_dim = v_head_dim or head_dim
         self.num_heads = divide(num_heads, tp, "num_attention_heads")
@@ -132,7 +124,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.k_size = self.num_kv_heads * head_dim
         self.v_size = self.num_kv_heads * self.v_head_dim
         out = (self.q_size + self.k_size + self.v_size) * tp
-        super().__init__(hidden_size, out, bias, group=group)
+        super().__init__(hidden_size, out, group, bias)
 
     def weight_loader(self, param: nn.Parameter, source: WeightSource, shard_id: str) -> None:
         kv_rank = self.tp_rank // self.kv_replicas
@@ -155,12 +147,11 @@ class RowParallelLinear(LinearBase):
         self,
         input_size: int,
         output_size: int,
+        group: RankGroup,
         bias: bool = False,
         reduce_results: bool = True,
-        group: str = "tp",
     ) -> None:
-        _, size = group_rank_size(group)
-        super().__init__(divide(input_size, size, "input_size"), output_size, bias, group)
+        super().__init__(divide(input_size, group.size, "input_size"), output_size, bias, group)
         self.reduce_results = reduce_results
 
     def weight_loader(self, param: nn.Parameter, source: WeightSource) -> None:

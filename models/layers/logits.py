@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.forward_batch import ForwardBatch
+from engine.model_api import ForwardBatch
 from models.layers.embedding import ParallelLMHead
 
 

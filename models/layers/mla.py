@@ -8,9 +8,8 @@ two views, ``buf[..., :kv_lora_rank]`` (ckv) and ``buf[..., kv_lora_rank:]`` (kp
 Attention runs in the absorbed form FlashInfer computes, so a GPU backend replaces exactly
 the middle of it: q_nope is folded through W_UK (per head, from `kv_b_proj`) into latent
 space; the kernel scores ``q_latent·ckv + q_pe·kpe``, softmaxes and returns the weighted
-sum of ckv [rows, heads, kv_lora_rank]; W_UV maps that to per-head values. A backend that
-has ``forward_mla(q_latent, q_pe, layer, batch)`` computes the middle; otherwise
-`torch_mla` below does, per request over its cached context.
+sum of ckv [rows, heads, kv_lora_rank]; W_UV maps that to per-head values. The batch's
+attention backend computes the middle (`AttentionBackend.forward_mla`).
 """
 
 from __future__ import annotations
@@ -20,8 +19,9 @@ import types
 import torch
 from torch import nn
 
-from engine.forward_batch import ForwardBatch
-from engine.model_config import rope_parameters
+from engine.model_api import MLASpec, ModelContext
+from engine.model_api.config import rope_parameters
+from engine.model_api.forward_batch import ForwardBatch
 from models.layers.linear import (
     ColumnParallelLinear,
     ReplicatedLinear,
@@ -39,9 +39,10 @@ class MLAAttention(nn.Module):
     """Heads sharded over attention-TP; the output is all-reduced over it (every rank of
     the group ends with the full attention output of all rows)."""
 
-    def __init__(self, config: types.SimpleNamespace, layer_id: int) -> None:
+    def __init__(self, config: types.SimpleNamespace, layer_id: int, ctx: ModelContext) -> None:
         super().__init__()
         hidden, bias = config.hidden_size, getattr(config, "attention_bias", False)
+        group = ctx.parallel.attn_tp
         self.layer_id = layer_id
         self.q_lora_rank = config.q_lora_rank
         self.kv_lora_rank = config.kv_lora_rank
@@ -50,17 +51,17 @@ class MLAAttention(nn.Module):
         qk_dim = self.nope_dim + self.rope_dim
         heads = config.num_attention_heads
         if self.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(hidden, heads * qk_dim, group="attn_tp")
+            self.q_proj = ColumnParallelLinear(hidden, heads * qk_dim, group)
         else:
             self.q_a_proj = ReplicatedLinear(hidden, self.q_lora_rank, bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * qk_dim, group="attn_tp")
+            self.q_b_proj = ColumnParallelLinear(self.q_lora_rank, heads * qk_dim, group)
         self.kv_a_proj_with_mqa = ReplicatedLinear(hidden, self.kv_lora_rank + self.rope_dim, bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = ColumnParallelLinear(
-            self.kv_lora_rank, heads * (self.nope_dim + self.v_dim), group="attn_tp"
+            self.kv_lora_rank, heads * (self.nope_dim + self.v_dim), group
         )
-        self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, bias, group="attn_tp")
+        self.o_proj = RowParallelLinear(heads * self.v_dim, hidden, group, bias)
         self.num_heads = self.kv_b_proj.weight.shape[0] // (self.nope_dim + self.v_dim)
         rope = rope_parameters(config)
         self.rotary_emb = RotaryEmbedding(
@@ -70,6 +71,7 @@ class MLAAttention(nn.Module):
             interleaved=getattr(config, "rope_interleave", True),
         )
         self.scaling = yarn_softmax_scale(rope, qk_dim**-0.5)
+        self.spec = MLASpec(self.num_heads, self.kv_lora_rank, self.rope_dim, self.scaling)
 
     def kv_cache_shapes(self) -> list[tuple[int, ...]]:
         return [(1, self.kv_lora_rank + self.rope_dim)]
@@ -99,11 +101,7 @@ class MLAAttention(nn.Module):
 
         w_uk, w_uv = self.absorbed_weights()
         q_latent = torch.einsum("rhd,hdc->rhc", q_nope, w_uk)
-        forward_mla = getattr(batch.attn_backend, "forward_mla", None)
-        if forward_mla is not None:
-            o_latent = forward_mla(q_latent, q_pe, self, batch)
-        else:
-            o_latent = torch_mla(q_latent, q_pe, self, batch)
+        o_latent = batch.attn_backend.forward_mla(q_latent, q_pe, self.layer_id, self.spec, batch)
         out = torch.einsum("rhc,hvc->rhv", o_latent, w_uv)
         return self.o_proj(out.reshape(rows, self.num_heads * self.v_dim))
 
@@ -130,30 +128,3 @@ def mla_shapes(config: types.SimpleNamespace, prefix: str) -> dict[str, tuple[in
         | linear_shapes(prefix + "kv_b_proj.", kv_rank, heads * (nope + v_dim))
         | linear_shapes(prefix + "o_proj.", heads * v_dim, hidden, bias)
     )
-
-
-def torch_mla(
-    q_latent: torch.Tensor, q_pe: torch.Tensor, layer: MLAAttention, batch: ForwardBatch
-) -> torch.Tensor:
-    """Causal attention of each request's new rows over its cached latents, in float32.
-
-    q_latent [rows, heads, kv_lora_rank], q_pe [rows, heads, rope_dim] ->
-    [rows, heads, kv_lora_rank]; padding rows stay zero.
-    """
-    (cache,) = batch.kv_pool.layer(layer.layer_id)
-    out = q_latent.new_zeros(q_latent.shape)
-    start = 0
-    for req_row, seq_len, new in zip(
-        batch.req_pool_indices.tolist(), batch.seq_lens, batch.extend_lens, strict=True
-    ):
-        kv = cache[batch.req_to_token[req_row, :seq_len], 0].float()
-        ckv, kpe = kv[:, : layer.kv_lora_rank], kv[:, layer.kv_lora_rank :]
-        rows = slice(start, start + new)
-        start += new
-        scores = torch.einsum("qhc,kc->hqk", q_latent[rows].float(), ckv)
-        scores = (scores + torch.einsum("qhd,kd->hqk", q_pe[rows].float(), kpe)) * layer.scaling
-        query_pos = torch.arange(seq_len - new, seq_len, device=kv.device)
-        visible = torch.arange(seq_len, device=kv.device)[None, :] <= query_pos[:, None]
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-        out[rows] = torch.einsum("hqk,kc->qhc", probs, ckv).to(out.dtype)
-    return out

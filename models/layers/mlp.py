@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.loader import WeightSource
+from engine.model_api.parallel import RankGroup
+from engine.model_api.weights import WeightSource
 from models.layers.activation import SiluAndMul
 from models.layers.linear import (
     MergedColumnParallelLinear,
@@ -31,14 +32,19 @@ class ReplicatedMergedLinear(ReplicatedLinear):
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with parameters `gate_up_proj` and `down_proj`.
 
-    `replicated=False`: intermediate dim sharded over the "tp" group; the output is a
-    partial sum that the caller (the layer communicator) reduces. `replicated=True`
-    (``--moe-dense-tp-size 1``, or shared experts next to all-to-all experts): whole
-    weights on every rank, complete output for whatever rows this rank holds.
+    Not `replicated`: intermediate dim sharded over `tp`; the output is a partial sum that
+    the caller (the layer communicator) reduces. `replicated` (``--moe-dense-tp-size 1``,
+    or shared experts next to all-to-all experts): whole weights on every rank, complete
+    output for whatever rows this rank holds.
     """
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, replicated: bool, bias: bool = False
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        tp: RankGroup,
+        replicated: bool = False,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         sizes = [intermediate_size, intermediate_size]
@@ -46,9 +52,9 @@ class GatedMLP(nn.Module):
             self.gate_up_proj = ReplicatedMergedLinear(hidden_size, sizes, bias)
             self.down_proj = ReplicatedLinear(intermediate_size, hidden_size, bias)
         else:
-            self.gate_up_proj = MergedColumnParallelLinear(hidden_size, sizes, bias)
+            self.gate_up_proj = MergedColumnParallelLinear(hidden_size, sizes, tp, bias)
             self.down_proj = RowParallelLinear(
-                intermediate_size, hidden_size, bias, reduce_results=False
+                intermediate_size, hidden_size, tp, bias, reduce_results=False
             )
         self.partial = not replicated and self.down_proj.tp_size > 1
         self.act_fn = SiluAndMul()

@@ -1,7 +1,6 @@
 """The MoE layer: a replicated gate, a model-defined router, and the routed experts.
 
-Expert backends (``--moe-a2a-backend``, read from `engine.communicator.moe_settings()`
-when the layer is built):
+Expert backends (``--moe-a2a-backend``, from the `ModelContext` the model is built with):
 
 - ``none``: every rank holds every expert with its intermediate dim sharded over the "tp"
   group; each rank runs all its rows through its shards and the output is a partial sum
@@ -12,8 +11,8 @@ when the layer is built):
   summed per row with the routing weights: the output is complete for this rank's rows.
   Every rank joins the collectives, with zero rows on an idle batch, so the calls match
   across the group. Two ways to exchange the pairs, chosen per call from `max_rows`, a
-  bound on any rank's rows that every rank of the group computes alike (see
-  `max_rows_per_rank`), so that all ranks take the same one:
+  bound on any rank's rows that every rank of the group computes alike
+  (`ForwardBatch.max_rows_per_rank`), so that all ranks take the same one:
 
   - fixed capacity (`max_rows * top_k * tp_size <= FIXED_CAPACITY_MAX_SLOTS`, decode-sized
     steps): every rank sends C = `max_rows * top_k` slots to every rank, each pair in its
@@ -27,23 +26,17 @@ when the layer is built):
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.communicator import moe_settings
-from engine.distributed import all_to_all, get_parallel
-from engine.loader import CheckpointError, Weights, WeightSource, load_params
+from engine.model_api.contract import ModelContext
+from engine.model_api.parallel import RankGroup, all_to_all
+from engine.model_api.weights import CheckpointError, WeightSource
 from models.layers.fused_moe import fused_experts
-from models.layers.linear import ReplicatedLinear, divide, group_rank_size
-from models.layers.mlp import gated_mlp_shapes
-
-if TYPE_CHECKING:
-    from engine.forward_batch import ForwardBatch
+from models.layers.linear import ReplicatedLinear, divide
 
 BACKENDS = ("none", "all2all")
 # (rows' float32 gate logits, num_valid) -> (topk_weights, topk_ids); see models.layers.router
@@ -53,10 +46,6 @@ Route = Callable[[torch.Tensor, int | None], tuple[torch.Tensor, torch.Tensor]]
 # all-to-all: covers decode steps up to the usual capture sizes (top-8 over 8 ranks: 64
 # rows per rank), while prefill keeps the variable split, which sends only the real pairs.
 FIXED_CAPACITY_MAX_SLOTS = 4096
-
-EXPERT_WEIGHT = re.compile(
-    r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
-)
 
 
 class FusedMoE(nn.Module):
@@ -70,13 +59,15 @@ class FusedMoE(nn.Module):
         num_experts: int,
         hidden_size: int,
         intermediate_size: int,
-        backend: str | None = None,
+        backend: str,
+        tp: RankGroup,
     ) -> None:
         super().__init__()
-        self.backend = moe_settings().a2a_backend if backend is None else backend
-        if self.backend not in BACKENDS:
-            raise ValueError(f"'backend' must be one of {BACKENDS} (got {self.backend!r})")
-        self.tp_rank, self.tp_size = group_rank_size("tp")
+        if backend not in BACKENDS:
+            raise ValueError(f"'backend' must be one of {BACKENDS} (got {backend!r})")
+        self.backend = backend
+        self.tp = tp
+        self.tp_rank, self.tp_size = tp.rank, tp.size
         self.num_experts = num_experts
         if self.backend == "all2all":
             self.local_experts = divide(num_experts, self.tp_size, "the number of routed experts")
@@ -174,12 +165,12 @@ class FusedMoE(nn.Module):
         send[:, h:] = _bits_as(empty, hidden.dtype)
         send.index_copy_(0, slot, pair_rows)
         splits = [c] * tp
-        recv = all_to_all(send[: tp * c], splits, splits, "tp")
+        recv = all_to_all(send[: tp * c], splits, splits, self.tp)
         x = recv[:, :h].contiguous()
         recv_ids = recv[:, h:].contiguous().view(id_dtype).reshape(tp * c, 1).long()
         ones = torch.ones(tp * c, 1, dtype=torch.float32, device=dev)
         y = fused_experts(x, self.w13, self.w2, ones, recv_ids)
-        back = all_to_all(y, splits, splits, "tp")
+        back = all_to_all(y, splits, splits, self.tp)
         picked = back.index_select(0, slot.clamp(max=tp * c - 1)).float()
         weights = topk_weights.reshape(-1, 1).float()
         out = torch.where(valid.unsqueeze(1), picked * weights, 0.0)
@@ -197,14 +188,16 @@ class FusedMoE(nn.Module):
         pairs, owner = pairs[order], owner[order]
         send = torch.bincount(owner, minlength=self.tp_size)
         # how many pairs each rank sends here, so both sides know the split sizes
-        recv = all_to_all(send, [1] * self.tp_size, [1] * self.tp_size, "tp")
+        recv = all_to_all(send, [1] * self.tp_size, [1] * self.tp_size, self.tp)
         send_splits, recv_splits = send.tolist(), recv.tolist()
         rows = pairs // top_k
-        x = all_to_all(hidden[rows], recv_splits, send_splits, "tp")
-        local_ids = all_to_all(ids[pairs] - owner * self.local_experts, recv_splits, send_splits)
+        x = all_to_all(hidden[rows], recv_splits, send_splits, self.tp)
+        local_ids = all_to_all(
+            ids[pairs] - owner * self.local_experts, recv_splits, send_splits, self.tp
+        )
         ones = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
         y = fused_experts(x, self.w13, self.w2, ones, local_ids.unsqueeze(1))
-        back = all_to_all(y, send_splits, recv_splits, "tp")
+        back = all_to_all(y, send_splits, recv_splits, self.tp)
         weights = topk_weights.reshape(-1)[pairs].unsqueeze(1)
         out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         out.index_add_(0, rows, back.float() * weights.float())
@@ -218,26 +211,16 @@ def _bits_as(ints: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ints.contiguous().view(dtype).view(ints.shape[0], width)
 
 
-def max_rows_per_rank(batch: ForwardBatch) -> int | None:
-    """A bound on the rows any rank of the "tp" group gives its all-to-all MoE layers in
-    this step, the same on every rank: the largest attention-DP group's padded rows
-    (`batch.global_num_tokens`, agreed on by mlp_sync) over its attention-TP ranks, rounded
-    up. That covers the communicator's shard (P / A rows) and DeepSeek-V3's share of its
-    group's real rows (at most ceil(P / A)). None when the batch does not say."""
-    if batch.global_num_tokens is None:
-        return None
-    return -(-max(batch.global_num_tokens, default=0) // get_parallel().attn_tp_size)
-
-
 class MoE(nn.Module):
     """gate -> route -> experts (+ shared experts): parameters `gate.weight`, `experts.w13`,
     `experts.w2` and, when given, `shared_experts.*`.
 
     `route` is the model's routing (see `models.layers.router`), called on the gate's
     logits (float32 when `logits_fp32`, as DeepSeek-V3 computes them; else in the
-    activations' dtype, as Qwen3-MoE does). `shared_experts` must produce the same kind of
-    output as the experts: TP-sharded partial sums for backend none, complete rows
-    (replicated, e.g. ``GatedMLP(..., replicated=True)``) for all2all.
+    activations' dtype, as Qwen3-MoE does). The expert backend and the group the experts
+    are split over come from `ctx`. `shared_experts` must produce the same kind of output
+    as the experts: TP-sharded partial sums for backend none, complete rows (replicated,
+    e.g. ``GatedMLP(..., replicated=True)``) for all2all.
     """
 
     def __init__(
@@ -246,6 +229,7 @@ class MoE(nn.Module):
         num_experts: int,
         intermediate_size: int,
         route: Route,
+        ctx: ModelContext,
         shared_experts: nn.Module | None = None,
         logits_fp32: bool = False,
     ) -> None:
@@ -253,7 +237,9 @@ class MoE(nn.Module):
         self.gate = ReplicatedLinear(hidden_size, num_experts)
         self.route = route
         self.logits_fp32 = logits_fp32
-        self.experts = FusedMoE(num_experts, hidden_size, intermediate_size)
+        self.experts = FusedMoE(
+            num_experts, hidden_size, intermediate_size, ctx.moe.a2a_backend, ctx.parallel.tp
+        )
         self.partial = self.experts.partial
         self.shared_experts = shared_experts
         if shared_experts is not None and getattr(shared_experts, "partial", False) != self.partial:
@@ -271,47 +257,9 @@ class MoE(nn.Module):
         self, hidden: torch.Tensor, num_valid: int | None = None, max_rows: int | None = None
     ) -> torch.Tensor:
         """Rows >= `num_valid` are padding and route nowhere; output partial iff `partial`.
-        `max_rows`: see `FusedMoE.forward` (`max_rows_per_rank(batch)` in a model)."""
+        `max_rows`: see `FusedMoE.forward` (`batch.max_rows_per_rank` in a model)."""
         topk_weights, topk_ids = self.route(self.router_logits(hidden), num_valid)
         out = self.experts(hidden, topk_weights, topk_ids, max_rows)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)
         return out
-
-
-def moe_shapes(
-    prefix: str, hidden_size: int, num_experts: int, intermediate_size: int
-) -> dict[str, tuple[int, ...]]:
-    """The checkpoint tensors of `MoE`'s gate and routed experts (one gated MLP each) under
-    `prefix`; shared experts and router extras are the model's."""
-    shapes = {prefix + "gate.weight": (num_experts, hidden_size)}
-    for e in range(num_experts):
-        shapes |= gated_mlp_shapes(f"{prefix}experts.{e}.", hidden_size, intermediate_size)
-    return shapes
-
-
-def load_with_experts(
-    module: nn.Module, weights: Weights, packed: Mapping[str, tuple[str, object]] | None = None
-) -> set[str]:
-    """`load_params`, with per-expert checkpoint tensors (``...experts.{e}.gate_proj.weight``,
-    ``up_proj``, ``down_proj``) routed into the `FusedMoE` parameters ``...experts.w13/w2``."""
-    params = dict(module.named_parameters())
-    loaded: set[str] = set()
-
-    def others() -> Iterator[tuple[str, WeightSource]]:
-        for name, source in weights:
-            match = EXPERT_WEIGHT.match(name)
-            if match is None:
-                yield name, source
-                continue
-            suffix = "w2" if match["proj"] == "down_proj" else "w13"
-            param_name = f"{match['prefix']}.{suffix}"
-            param = params.get(param_name)
-            if param is None:
-                raise CheckpointError(
-                    f"{name}: no parameter {param_name} in {type(module).__name__}"
-                )
-            param.weight_loader(param, source, int(match["expert"]), match["proj"])
-            loaded.add(param_name)
-
-    return loaded | load_params(module, others(), packed)

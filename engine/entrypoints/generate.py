@@ -1,0 +1,188 @@
+"""`parcap generate`: run prompts through a model, one JSON line per prompt.
+
+Everything a user can get wrong (flags, the plan, the model, the prompts) is checked
+here, before any rank starts, and reported as one line with exit code 2. A rank that
+fails later stops the run with its error and exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from engine.server_args import ServerArgs
+from registry.args import Parser, UsageError, fail
+
+DEFAULT_MODEL = "LlamaForCausalLM"
+
+
+def parser() -> Parser:
+    p = Parser(
+        prog="parcap generate",
+        description="Run prompts through a model; JSON lines with output_ids, output_logprobs "
+        "and text, one per prompt, in input order.",
+    )
+    ServerArgs.add_arguments(p.add_argument_group("server arguments"))
+    g = p.add_argument_group("generation")
+    g.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
+    g.add_argument(
+        "--input",
+        metavar="FILE.jsonl",
+        help='prompts, one JSON object per line: {"prompt": str} or {"input_ids": [int]}',
+    )
+    g.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="(default: 16)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default: 1)")
+    g.add_argument("--top-k", type=int, default=0, help="0 keeps every token (default: 0)")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    g.add_argument("--output", metavar="PATH", help="write the results here (default: stdout)")
+    g.add_argument("--report-json", metavar="PATH", help="write plan, counters and timings here")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from engine.frontend.launcher import RankError, is_torchrun, prepare
+    from engine.frontend.llm_engine import LLMEngine, make_report
+    from engine.frontend.model_source import ModelSourceError
+    from engine.frontend.tokenizer import TokenizerError
+    from engine.frontend.torchrun import run_torchrun
+    from engine.messages import SamplingParams
+    from registry import ModelLoadError, PlanRefused, UnknownArchitecture
+
+    p = parser()
+    ns = p.parse_args(argv)
+    args = ServerArgs.from_namespace(ns, p)
+    if args.model is None and args.model_path is None:
+        args = attrs.evolve(args, model=DEFAULT_MODEL)
+    try:
+        params = SamplingParams(
+            max_new_tokens=ns.max_new_tokens,
+            temperature=ns.temperature,
+            top_p=ns.top_p,
+            top_k=ns.top_k,
+            ignore_eos=ns.ignore_eos,
+        )
+    except ValueError as e:
+        message = str(e)
+        for f in attrs.fields(SamplingParams):
+            message = message.replace(f"'{f.name}'", "--" + f.name.replace("_", "-"))
+        p.error(message)
+    for flag, path in (("--output", ns.output), ("--report-json", ns.report_json)):
+        if path and not Path(path).resolve().parent.is_dir():
+            fail(f"{flag} {path}: its directory does not exist")
+    if is_torchrun() and int(os.environ["WORLD_SIZE"]) != args.tp_size:
+        fail(f"torchrun started {os.environ['WORLD_SIZE']} ranks but --tp-size is {args.tp_size}")
+    try:
+        setup = prepare(args)
+    except (
+        UnknownArchitecture,
+        ModelLoadError,
+        ModelSourceError,
+        PlanRefused,
+        TokenizerError,
+        UsageError,
+    ) as e:
+        fail(e)
+    config = setup.launch.source.config
+    prompts = read_prompts(ns, setup.tokenizer, int(config["vocab_size"]))
+    limits = setup.launch.limits
+    for where, ids in prompts:
+        reason = limits.check(len(ids), params.max_new_tokens)
+        if reason:
+            fail(f"{where}: {reason}")
+    ids = [ids for _, ids in prompts]
+    try:
+        if is_torchrun():
+            out = run_torchrun(setup, ids, params)
+            if out is None:
+                return 0
+            results, report = out[0], make_report(setup, *out[1:])
+        else:
+            with LLMEngine(args, setup=setup, progress=True) as engine:
+                results = engine.generate(ids, params, progress=True)
+            report = engine.report()
+    except RankError as e:
+        fail(e, code=1)
+    write_results(results, setup.tokenizer, ns.output)
+    if ns.report_json:
+        Path(ns.report_json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def read_prompts(ns: Any, tokenizer: Any, vocab_size: int) -> list[tuple[str, list[int]]]:
+    """(where, token ids) per prompt; `where` names the prompt in error messages."""
+    if ns.prompt and ns.input:
+        fail("give prompts with --prompt or --input, not both")
+    if ns.input:
+        entries = list(_read_jsonl(ns.input))
+    elif ns.prompt:
+        entries = [(f"--prompt #{i + 1}", {"prompt": text}) for i, text in enumerate(ns.prompt)]
+    else:
+        fail("no prompts: give --prompt TEXT or --input FILE.jsonl")
+    prompts = []
+    for where, entry in entries:
+        if "prompt" in entry:
+            if tokenizer is None:
+                fail(f"{where}: this checkpoint has no tokenizer; give input_ids instead")
+            ids = tokenizer.encode(entry["prompt"])
+        else:
+            ids = entry["input_ids"]
+            bad = [i for i in ids if not 0 <= i < vocab_size]
+            if bad:
+                fail(f"{where}: input id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+        prompts.append((where, ids))
+    if not prompts:
+        fail(f"{ns.input}: no prompts in it")
+    return prompts
+
+
+def _read_jsonl(path: str):
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        fail(f"--input {path}: {e.strerror or e}")
+    except UnicodeDecodeError:
+        fail(f"--input {path}: not UTF-8 text")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(f"{where}: not valid JSON ({e.msg})")
+        if not _valid_entry(entry):
+            fail(f'{where}: expected {{"prompt": str}} or {{"input_ids": [int, ...]}} (got {line})')
+        yield where, entry
+
+
+def _valid_entry(entry: Any) -> bool:
+    if not isinstance(entry, dict) or ("prompt" in entry) == ("input_ids" in entry):
+        return False
+    if "prompt" in entry:
+        return isinstance(entry["prompt"], str)
+    ids = entry["input_ids"]
+    return isinstance(ids, list) and all(type(i) is int for i in ids)
+
+
+def write_results(results: list[Any], tokenizer: Any, output: str | None) -> None:
+    lines = []
+    for r in results:
+        line = {
+            "output_ids": r.output_ids,
+            "output_logprobs": r.output_logprobs,
+            "text": tokenizer.decode(r.output_ids) if tokenizer else None,
+        }
+        if r.error:
+            line["error"] = r.error
+        lines.append(json.dumps(line) + "\n")
+    if output is None:
+        sys.stdout.writelines(lines)
+        sys.stdout.flush()
+    else:
+        Path(output).write_text("".join(lines))

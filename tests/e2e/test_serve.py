@@ -1,0 +1,460 @@
+"""`parcap serve` end to end: a live server on 127.0.0.1, driven by the official openai client.
+
+One server (tp 2) serves most tests and is shut down by SIGTERM in the last of them; a
+second one has a rank killed under it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from engine.http.chat import ChatFormat
+
+pytestmark = pytest.mark.slow
+
+MODEL = "LlamaForCausalLM"
+PARCAP = [sys.executable, "-m", "engine.cli"]
+MAX_REQUEST_BYTES = 65536
+PROMPTS = ["Hello, parcap", "The quick brown fox", "0123456789", "Tensor parallel"]
+MAX_TOKENS = 24
+STARTUP_S = 120
+
+
+class Server:
+    def __init__(self, log: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        argv = [*PARCAP, "serve", "--model", MODEL, "--tp-size", "2", "--port", "0", *extra]
+        with open(log, "w") as out:
+            # its own process group, so teardown can kill the server and every rank at once
+            self.proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            )
+        self.pgid = self.proc.pid
+        self.url = self._wait_ready()
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0)
+
+    def _wait_ready(self) -> str:
+        deadline = time.monotonic() + STARTUP_S
+        url = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.text()}")
+            if url is None and (m := re.search(r"serving \S+ on (http://\S+)", self.text())):
+                url = m.group(1)
+            if url is not None:
+                try:
+                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                        return url
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.2)
+        raise AssertionError(f"server not ready after {STARTUP_S}s:\n{self.text()}")
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=30)
+
+    def post(self, path: str, timeout: float = 60, **kwargs) -> httpx.Response:
+        return httpx.post(self.url + path, timeout=timeout, **kwargs)
+
+    def rank_pids(self) -> list[int]:
+        return [
+            pid
+            for pid in group_pids(self.pgid)
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+
+    def kill(self) -> None:
+        if group_pids(self.pgid):
+            os.killpg(self.pgid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.wait()
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live processes of process group `pgid` (zombies included: not yet reaped)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # state ppid pgrp ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_gone(pgid: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := group_pids(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(
+        tmp_path_factory.mktemp("serve") / "server.log",
+        "--max-request-bytes",
+        str(MAX_REQUEST_BYTES),
+        "--graceful-timeout",
+        "60",
+    )
+    try:
+        yield s
+    finally:
+        s.kill()
+
+
+@pytest.fixture(scope="module")
+def generated():
+    """`parcap generate` greedy output for PROMPTS, the reference the server must match."""
+    argv = [*PARCAP, "generate", "--model", MODEL, "--tp-size", "2"]
+    argv += ["--max-new-tokens", str(MAX_TOKENS)]
+    for p in PROMPTS:
+        argv += ["--prompt", p]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(lines) == len(PROMPTS)
+    return dict(zip(PROMPTS, lines, strict=True))
+
+
+def expected_finish(line: dict) -> str:
+    return "length" if len(line["output_ids"]) == MAX_TOKENS else "stop"
+
+
+def test_health_models_and_plan(server):
+    assert server.get("/health").json() == {"status": "ok"}
+    assert "on http://127.0.0.1:" in server.text()  # the default bind address
+    assert [m.id for m in server.client.models.list().data] == [MODEL]
+    assert server.client.models.retrieve(MODEL).id == MODEL
+    explain = subprocess.run(
+        [*PARCAP, "registry", "explain", MODEL, "--tp-size", "2", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert server.get("/v1/parallel_plan").json() == json.loads(explain.stdout)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_completion_matches_generate(server, generated, prompt):
+    want = generated[prompt]
+    r = server.client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, logprobs=0
+    )
+    choice = r.choices[0]
+    assert choice.text == want["text"]
+    assert choice.finish_reason == expected_finish(want)
+    assert r.usage.completion_tokens == len(want["output_ids"])
+    assert r.usage.prompt_tokens == len(prompt.encode()) + 1  # byte tokenizer + BOS
+    assert choice.logprobs.token_logprobs == pytest.approx(want["output_logprobs"], abs=1e-4)
+
+    chunks = list(
+        server.client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want["text"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected_finish(want)
+    assert chunks[-1].usage.completion_tokens == len(want["output_ids"])
+
+
+def test_prompt_as_token_ids(server, generated):
+    prompt = PROMPTS[0]
+    ids = [256, *prompt.encode()]
+    r = server.client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=MAX_TOKENS, temperature=0
+    )
+    assert r.choices[0].text == generated[prompt]["text"]
+
+
+def test_chat_matches_completion_of_its_prompt(server):
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Say hi"},
+    ]
+    prompt = ChatFormat(None).prompt(messages)
+    assert prompt == "system: You are terse.\nuser: Say hi\nassistant:"
+    want = server.client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=16, temperature=0
+    )
+    r = server.client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=16, temperature=0
+    )
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want.choices[0].text
+    assert r.choices[0].finish_reason == want.choices[0].finish_reason
+    assert r.usage.prompt_tokens == want.usage.prompt_tokens
+    chunks = list(
+        server.client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=16, temperature=0, stream=True
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.choices[0].text
+
+
+def test_stop_sequences(server, generated):
+    # a stop string taken from the middle of a known greedy output, free of U+FFFD
+    text = next(g["text"] for g in generated.values() if len(g["text"].replace("\ufffd", "")) >= 4)
+    start = next(i for i in range(1, len(text) - 1) if "\ufffd" not in text[i : i + 2])
+    stop = text[start : start + 2]
+    want = text[: text.index(stop)]
+    prompt = next(p for p, g in generated.items() if g["text"] == text)
+    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
+    r = server.client.completions.create(**kwargs)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (want, "stop")
+    chunks = list(server.client.completions.create(stream=True, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(server):
+    def sample(seed: int) -> list[float]:
+        r = server.client.completions.create(
+            model=MODEL,
+            prompt="Sampling",
+            max_tokens=16,
+            temperature=1.0,
+            top_p=0.9,
+            seed=seed,
+            logprobs=0,
+            extra_body={"ignore_eos": True},
+        )
+        return r.choices[0].logprobs.token_logprobs
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_32_concurrent_requests_are_batched(server):
+    def steps() -> int:
+        return server.get("/v1/report").json()["counters"].get("steps", 0)
+
+    def one(i: int):
+        return server.client.completions.create(
+            model=MODEL,
+            prompt=f"request {i}",
+            max_tokens=8,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+
+    before = steps()
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(32)))
+    assert all(r.usage.completion_tokens == 8 for r in results)
+    assert all(r.choices[0].finish_reason == "length" for r in results)
+    # counters arrive when rank 0 goes idle; one request at a time would take 32 * 8 steps
+    deadline = time.monotonic() + 10
+    while (after := steps()) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert 8 <= after - before <= 32 * 8 // 2
+
+
+BAD_BODIES = [
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 1.5}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 10_000}, 400, "max_tokens"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ({"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"prompt": [999]}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": ["a", "b"]}, 400, "prompt"),
+    ({"max_tokens": 4}, 400, "prompt"),
+    ({"prompt": "x" * 3000}, 400, "context length"),
+    ({"prompt": "x" * 2000, "max_tokens": 100}, 400, "context length"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "gpt-4"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "mentions"), BAD_BODIES)
+def test_bad_completion_requests(server, body, status, mentions):
+    r = server.post("/v1/completions", json={"model": MODEL, **body})
+    assert r.status_code == status, r.text
+    assert mentions in r.json()["error"]["message"]
+
+
+def test_bad_requests_through_the_client_and_raw(server):
+    c = server.client
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        c.completions.create(model=MODEL, prompt="x", temperature=-0.5)
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        c.chat.completions.create(model=MODEL, messages=[])
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "y" * 3000}])
+
+    raw = [
+        (server.post("/v1/completions", content=b'{"prompt": "x",'), 400, "JSON"),
+        (server.post("/v1/completions", content=b"[1, 2]"), 400, "object"),
+        (server.post("/v1/completions", content=b"\xff\xfe"), 400, "JSON"),
+        (server.post("/v1/completions", content=b"x" * (MAX_REQUEST_BYTES + 1)), 413, "limit"),
+        (server.post("/v1/chat/completions", json={"messages": "hi"}), 400, "messages"),
+        (server.get("/v1/nowhere"), 404, "Not Found"),
+        (server.get("/v1/completions"), 405, "Method Not Allowed"),
+    ]
+    oversized = {"model": MODEL, "prompt": "z" * MAX_REQUEST_BYTES}
+    raw.append((server.post("/v1/completions", json=oversized), 413, "limit"))
+    for r, status, mentions in raw:
+        assert r.status_code == status, r.text
+        assert mentions in r.json()["error"]["message"]
+    assert server.get("/health").status_code == 200
+
+
+def cpu_seconds(pids: list[int], window: float = 1.0) -> float:
+    """CPU time `pids` use over the next `window` seconds."""
+
+    def total() -> float:
+        ticks = 0
+        for pid in pids:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            utime, stime = stat[stat.rindex(")") + 2 :].split()[11:13]
+            ticks += int(utime) + int(stime)
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    before = total()
+    time.sleep(window)
+    return total() - before
+
+
+def test_client_that_leaves_aborts_its_request(server):
+    # 2000 tokens keep the ranks busy for ~40s unless the request is aborted
+    ranks = server.rank_pids()
+    long = {"model": MODEL, "prompt": "abandon", "max_tokens": 2000, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**long, "stream": True}) as r:
+        lines = r.iter_lines()  # kept: a dropped iterator closes the connection
+        next(lines)
+        assert cpu_seconds(ranks) > 0.4
+    time.sleep(0.5)
+    assert cpu_seconds(ranks) < 0.15
+
+    with pytest.raises(httpx.ReadTimeout):
+        server.post("/v1/completions", json=long, timeout=2.0)
+    time.sleep(0.5)
+    assert cpu_seconds(ranks) < 0.15
+    assert server.get("/health").status_code == 200
+
+
+def test_sigterm_finishes_in_flight_requests_and_leaves_nothing(server):
+    """Last on the shared server: it shuts it down."""
+    got: dict = {}
+    first = threading.Event()
+
+    def stream() -> None:
+        chunks = server.client.completions.create(
+            model=MODEL,
+            prompt="graceful",
+            max_tokens=64,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        got["chunks"] = []
+        for c in chunks:
+            got["chunks"].append(c)
+            first.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert first.wait(30)
+    ranks = server.rank_pids()
+    assert len(ranks) == 2
+    os.kill(server.proc.pid, signal.SIGTERM)
+    t.join(60)
+    assert got["chunks"][-1].usage.completion_tokens == 64
+    assert server.proc.wait(timeout=30) == 0
+    assert wait_gone(server.pgid, 10) == []
+    with pytest.raises(httpx.ConnectError):
+        server.get("/health")
+    assert "Traceback" not in server.text()
+
+
+def test_rank_failure_turns_health_red_and_fails_requests_fast(tmp_path):
+    s = Server(tmp_path / "server.log")
+    try:
+        assert s.get("/health").status_code == 200
+        result: dict = {}
+
+        def stream() -> None:
+            try:
+                for _ in s.client.completions.create(
+                    model=MODEL,
+                    prompt="doomed",
+                    max_tokens=2000,
+                    stream=True,
+                    extra_body={"ignore_eos": True},
+                ):
+                    result["started"] = True
+            except openai.APIError as e:
+                result["error"] = e
+
+        t = threading.Thread(target=stream)
+        t.start()
+        deadline = time.monotonic() + 30
+        while "started" not in result and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(s.rank_pids()[1], signal.SIGKILL)
+        t.join(10)
+        assert not t.is_alive() and "engine is down" in str(result["error"])
+
+        health = s.get("/health")
+        assert health.status_code == 503 and "rank 1" in health.json()["error"]
+        began = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as e:
+            s.client.completions.create(model=MODEL, prompt="after", max_tokens=4)
+        assert e.value.status_code == 503 and time.monotonic() - began < 2
+
+        os.kill(s.proc.pid, signal.SIGINT)
+        assert s.proc.wait(timeout=30) == 1  # a failed launch says so in its exit code
+        assert wait_gone(s.pgid, 10) == []
+        assert "Traceback" not in s.text()
+    finally:
+        s.kill()
+
+
+def test_refusals_exit_2_before_any_rank_starts():
+    for extra, mentions in [
+        (["--attn-tp-gather", "on"], "nothing to gather"),
+        (["--port", "70000"], "--port"),
+        (["--model", "NoSuchModel"], "NoSuchModel"),
+    ]:
+        argv = [*PARCAP, "serve", "--tp-size", "2", *extra]
+        if "--model" not in extra:
+            argv += ["--model", MODEL]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60, start_new_session=True)
+        assert r.returncode == 2, r.stderr
+        assert mentions in r.stderr and "parcap: error:" in r.stderr
