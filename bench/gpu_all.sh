@@ -6,7 +6,8 @@
 # Stages (each runs even when one before it failed; the exit status is the first failure):
 #   1. device, versions, FlashInfer import
 #   2. Triton fused-MoE check (bench/bench_fused_moe.py), in the background on the last GPU
-#   3. GPU tests (tests/test_gpu.py): FlashInfer vs torch attention, CUDA graphs vs eager,
+#   3. GPU tests (pytest -m gpu tests/gpu): FlashInfer vs torch attention, the Triton MoE
+#      kernel vs torch, CUDA graphs vs eager,
 #      NCCL tp 2 vs tp 1
 #   4. figure (b), roofline fraction at batch 1 (GPU 0)
 #   5. figure (a), decode TPOT auto vs --attn-tp-gather on, per model and TP size
@@ -59,7 +60,7 @@ if want moe; then
     --out "$OUT/fused_moe.json" >"$logs/fused_moe.log" 2>&1; echo $? >"$logs/fused_moe.rc") &
 fi
 
-stage tests 420 python3 -m pytest -q -rA tests/test_gpu.py
+stage tests 420 python3 -m pytest -q -rA -m gpu tests/gpu
 [ ! -f "$logs/tests.log" ] || cp "$logs/tests.log" "$OUT/tests.txt"
 
 stage roofline 300 env CUDA_VISIBLE_DEVICES=0 python3 bench/bench_roofline.py \

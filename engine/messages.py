@@ -8,7 +8,7 @@ Ranks -> front end (one outbox): `Ready`, `TokenEvents`, `Counters` (global rank
 from __future__ import annotations
 
 import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from attrs import field, frozen
@@ -143,6 +143,20 @@ class Launch:
             a.max_total_tokens,
             self.source.context_len,
         )
+
+
+class Inbox(Protocol):
+    """Where a group's leader takes front-end messages from (a multiprocessing queue)."""
+
+    def get(self, block: bool = True, timeout: float | None = None) -> object: ...
+
+    def get_nowait(self) -> object: ...
+
+
+class Outbox(Protocol):
+    """Where a rank puts its messages for the front end (a multiprocessing queue)."""
+
+    def put(self, item: object) -> None: ...
 
 
 # -- front end -> an attention-DP group's leader -----------------------------------

@@ -55,11 +55,17 @@ class AttentionBackend(abc.ABC):
     supports_cuda_graph: ClassVar[bool] = False
 
     @classmethod
+    def unavailable(cls, dtype: torch.dtype, device: torch.device) -> str | None:
+        """Why this backend cannot run in `dtype` on `device` at all, or None (checked in
+        the front end, before any rank starts)."""
+        return None
+
+    @classmethod
     def unusable(
         cls, spec: AttentionSpec | MLASpec | None, dtype: torch.dtype, device: torch.device
     ) -> str | None:
         """Why this backend cannot serve a model with `spec` in `dtype` on `device`, or None."""
-        return None
+        return cls.unavailable(dtype, device)
 
     @classmethod
     def create(

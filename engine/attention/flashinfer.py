@@ -35,14 +35,20 @@ class FlashInferBackend(AttentionBackend):
     supports_cuda_graph = True
 
     @classmethod
+    def unavailable(cls, dtype: torch.dtype, device: torch.device) -> str | None:
+        if device.type != "cuda":
+            return "FlashInfer runs on CUDA devices only (add --device cuda)"
+        if not installed():
+            return "the flashinfer package is not installed (pip install -e '.[gpu]')"
+        if dtype not in (torch.bfloat16, torch.float16):
+            return f"FlashInfer decodes bfloat16 or float16, not {dtype}"
+        return None
+
+    @classmethod
     def unusable(
         cls, spec: AttentionSpec | MLASpec | None, dtype: torch.dtype, device: torch.device
     ) -> str | None:
-        if device.type != "cuda":
-            return "FlashInfer runs on CUDA devices only"
-        if not installed():
-            return "the flashinfer package is not installed (pip install -e '.[gpu]')"
-        return unserved(spec, dtype)
+        return cls.unavailable(dtype, device) or unserved(spec, dtype)
 
     @classmethod
     def create(

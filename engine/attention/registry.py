@@ -53,6 +53,12 @@ def resolve(
     return next(n for n in AUTO_ORDER if backend_class(n).unusable(spec, dtype, device) is None)
 
 
+def check_available(name: str, dtype: torch.dtype, device: torch.device) -> None:
+    """Raise BackendUnavailable when the named backend cannot run here at all (auto can)."""
+    if name != AUTO and (why := backend_class(name).unavailable(dtype, device)):
+        raise BackendUnavailable(f"--attention-backend {name}: {why}")
+
+
 def make_backend(
     name: str,
     spec: AttentionSpec | MLASpec | None,

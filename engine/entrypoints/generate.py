@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 
 from engine.server_args import ServerArgs
-from registry.args import Parser, UsageError, fail
+from registry.args import Parser, fail
 
 DEFAULT_MODEL = "LlamaForCausalLM"
 
@@ -46,13 +46,10 @@ def parser() -> Parser:
 
 
 def main(argv: list[str]) -> int:
-    from engine.frontend.launcher import RankError, is_torchrun, prepare
+    from engine.frontend.launcher import USER_ERRORS, RankError, is_torchrun, prepare
     from engine.frontend.llm_engine import LLMEngine, make_report
-    from engine.frontend.model_source import ModelSourceError
-    from engine.frontend.tokenizer import TokenizerError
     from engine.frontend.torchrun import run_torchrun
     from engine.messages import SamplingParams
-    from registry import ModelLoadError, PlanRefused, UnknownArchitecture
 
     p = parser()
     ns = p.parse_args(argv)
@@ -79,14 +76,7 @@ def main(argv: list[str]) -> int:
         fail(f"torchrun started {os.environ['WORLD_SIZE']} ranks but --tp-size is {args.tp_size}")
     try:
         setup = prepare(args)
-    except (
-        UnknownArchitecture,
-        ModelLoadError,
-        ModelSourceError,
-        PlanRefused,
-        TokenizerError,
-        UsageError,
-    ) as e:
+    except USER_ERRORS as e:
         fail(e)
     config = setup.launch.source.config
     prompts = read_prompts(ns, setup.tokenizer, int(config["vocab_size"]))

@@ -111,10 +111,9 @@ def main(argv: list[str]) -> int:
 
     import uvicorn
 
+    from engine.frontend.launcher import USER_ERRORS
     from engine.frontend.llm_engine import EngineError, LLMEngine
-    from engine.frontend.model_source import ModelSourceError
     from engine.http.app import build_app
-    from registry import ModelLoadError, PlanRefused, UnknownArchitecture, UsageError
 
     # SIGTERM while loading behaves like Ctrl-C; while serving, uvicorn takes both over
     signal.signal(signal.SIGTERM, _interrupt)
@@ -122,13 +121,7 @@ def main(argv: list[str]) -> int:
     try:
         try:
             engine = LLMEngine(args)
-        except (
-            UnknownArchitecture,
-            ModelLoadError,
-            ModelSourceError,
-            PlanRefused,
-            UsageError,
-        ) as e:
+        except USER_ERRORS as e:
             fail(e)
         except EngineError as e:
             print(f"parcap serve: error: {one_line(e)}", file=sys.stderr)

@@ -13,20 +13,42 @@ import socket
 import time
 from typing import Any
 
+import torch
 from attrs import frozen
 
-from engine.frontend.model_source import model_source
+from engine.attention.registry import BackendUnavailable, check_available
+from engine.frontend.model_source import ModelSourceError, model_source
 from engine.frontend.rank_process import run_rank
-from engine.frontend.tokenizer import Tokenizer, eos_ids, load_tokenizer
+from engine.frontend.tokenizer import Tokenizer, TokenizerError, eos_ids, load_tokenizer
 from engine.messages import CLOSE, Bye, Launch, RankFailed
 from engine.server_args import ServerArgs
-from registry import ModelInfo, explain_json, get_model_info, resolve_plan
+from registry import (
+    ModelInfo,
+    ModelLoadError,
+    PlanRefused,
+    UnknownArchitecture,
+    explain_json,
+    get_model_info,
+    resolve_plan,
+)
 from registry.args import UsageError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
 # After the first sign of failure, how long to wait for the other ranks' news, so the
 # report names the rank that failed first rather than a peer whose collective broke.
 GRACE_S = 0.5
+
+
+# What `prepare` raises for a user's mistake: one line, exit code 2, before any rank starts.
+USER_ERRORS = (
+    UnknownArchitecture,
+    ModelLoadError,
+    ModelSourceError,
+    PlanRefused,
+    TokenizerError,
+    UsageError,
+    BackendUnavailable,
+)
 
 
 class RankError(RuntimeError):
@@ -53,8 +75,7 @@ class Setup:
 def prepare(args: ServerArgs) -> Setup:
     """Model source, plan and tokenizer for `args`.
 
-    Raises UsageError, UnknownArchitecture, ModelLoadError, ModelSourceError or
-    PlanRefused: each a user mistake to report before any rank starts.
+    Raises one of USER_ERRORS for a user's mistake.
     """
     if args.dp_size > 1 and not args.enable_dp_attention:
         raise UsageError(
@@ -62,6 +83,9 @@ def prepare(args: ServerArgs) -> Setup:
             "data-parallel replicas, which parcap does not run; add --enable-dp-attention "
             "or drop --dp-size"
         )
+    check_available(
+        args.attention_backend, getattr(torch, args.resolved_dtype), torch.device(args.device)
+    )
     source = model_source(args.model, args.model_path)
     info = get_model_info(source.architecture)
     plan = resolve_plan(info.capabilities, args, model=source.architecture)

@@ -32,6 +32,7 @@ from engine.messages import (
     TokenEvents,
 )
 from engine.progress import Progress
+from engine.server_args import ServerArgs
 
 _FAILED = object()  # queued after the last event once a rank has failed
 
@@ -46,7 +47,9 @@ class EngineError(RankError):
 
 
 class LLMEngine:
-    def __init__(self, args: Any, *, setup: Setup | None = None, progress: bool = False) -> None:
+    def __init__(
+        self, args: ServerArgs, *, setup: Setup | None = None, progress: bool = False
+    ) -> None:
         """Resolve the launch (a refused plan or bad args raise before any rank starts),
         start the ranks and wait until every one has loaded the model."""
         self.args = args

@@ -11,9 +11,12 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
-from engine.messages import Bye, Launch, RankFailed, Ready
+from engine.messages import Bye, Inbox, Launch, Outbox, RankFailed, Ready
+
+if TYPE_CHECKING:
+    import torch
 
 # NVLink multicast (NVLS) in NCCL, torch's symmetric memory and NVSHMEM can take the GPUs of
 # a shared host out of service: off unless the operator's environment sets them.
@@ -31,7 +34,7 @@ GPU_RANK_THREADS = 4
 LEAVE_TIMEOUT_S = 10.0
 
 
-def start_rank(device: str, local_rank: int, local_ranks: int) -> Any:
+def start_rank(device: str, local_rank: int, local_ranks: int) -> torch.device:
     """Set up this process as a rank: it dies with its parent, shares the host's cores
     with the other local ranks, and stays quiet; returns its torch device."""
     import torch
@@ -56,7 +59,7 @@ def start_rank(device: str, local_rank: int, local_ranks: int) -> Any:
     return torch.device("cuda", local_rank)
 
 
-def run_rank(rank: int, launch: Launch, inboxes: list[Any], outbox: Any) -> None:
+def run_rank(rank: int, launch: Launch, inboxes: list[Inbox], outbox: Outbox) -> None:
     """Entry point of a spawned rank; any failure goes to the outbox as one line."""
     # Ctrl-C reaches the whole process group; the front end decides how ranks stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -26,8 +26,8 @@ import os
 import queue
 import signal
 import time
-from typing import Any
 
+import torch
 from attrs import frozen
 
 from engine.messages import (
@@ -35,7 +35,9 @@ from engine.messages import (
     Close,
     Counters,
     Event,
+    Inbox,
     Launch,
+    Outbox,
     Request,
     Submit,
     TokenEvents,
@@ -70,7 +72,14 @@ class Intake:
 
 
 class Worker:
-    def __init__(self, rank: int, launch: Launch, inbox: Any, outbox: Any, device: Any) -> None:
+    def __init__(
+        self,
+        rank: int,
+        launch: Launch,
+        inbox: Inbox | None,
+        outbox: Outbox,
+        device: torch.device,
+    ) -> None:
         args, plan = launch.args, launch.plan
         self.state = init_parallel(
             rank, args.tp_size, plan.attn_dp_size, device, launch.init_method, args.dist_timeout
@@ -105,8 +114,6 @@ class Worker:
         """Leave the process groups; the graphs first, as NCCL requires (see `release`).
         Safe in another thread: it names this rank's device."""
         if self.state.device.type == "cuda":
-            import torch
-
             torch.cuda.set_device(self.state.device)
         self.runner.graphs.release()
         destroy_parallel()
@@ -177,7 +184,7 @@ class Worker:
             return Intake((), (), seen, bool(closed))
         return broadcast_object(intake, "attn_tp")
 
-    def receive(self, wait: bool) -> list[Any]:
+    def receive(self, wait: bool) -> list[object]:
         items = []
         try:
             if wait and not self.closed:

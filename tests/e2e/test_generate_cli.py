@@ -115,6 +115,8 @@ def test_bad_inputs_exit_2_before_any_rank(no_ranks, capsys, tmp_path):
     assert "no config.json" in refused(capsys, "--model-path", str(tmp_path), "--prompt", "a")
     nowhere = str(tmp_path / "no" / "out.jsonl")
     assert "its directory does not exist" in refused(capsys, "--prompt", "a", "--output", nowhere)
+    on_cpu = refused(capsys, "--attention-backend", "flashinfer", "--prompt", "a")
+    assert "--attention-backend flashinfer: FlashInfer runs on CUDA devices only" in on_cpu
 
 
 def test_refused_plan_exits_2_with_one_line():
