@@ -9,8 +9,13 @@ written). Reported against it:
 
 - the graph replay alone (device events): the GPU time of the step;
 - the whole engine step (host clock): batch tensors, FlashInfer plan, replay, sampling;
+- `parcap generate` end to end (a subprocess, as a user runs it, `--load-format dummy`):
+  its TPOT at batch 1, and the decode step's device time the ranks measured;
 - an eager step's kernels, profiled and split into GEMM/GEMV, attention and the rest,
   with the bandwidth each GEMM family reaches on its weight bytes.
+
+`--model-dir DIR` runs a checkpoint folder's config.json (e.g. bench/models/llama-3.1-8b)
+instead of figure (b)'s 8-layer stack.
 
     PYTHONPATH=. python bench/bench_roofline.py --out roofline.json --markdown roofline.md
 """
@@ -18,9 +23,14 @@ written). Reported against it:
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -131,10 +141,35 @@ def profile_eager(runner: ModelRunner, session: Session) -> dict[str, Any]:
     return {"family_s": families, "kernels": kernels, "heaviest": heaviest}
 
 
+def end_to_end(config: dict[str, Any], context: int, new_tokens: int) -> dict[str, Any]:
+    """`parcap generate` at batch 1 on `config` with dummy weights: its report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "config.json").write_text(json.dumps(config))
+        prompt = torch.randint(0, config["vocab_size"], (context,),
+                               generator=torch.Generator().manual_seed(1)).tolist()  # fmt: skip
+        (folder / "p.jsonl").write_text(json.dumps({"input_ids": prompt}) + "\n")
+        argv = [sys.executable, "-m", "engine.cli", "generate", "--model-path", str(folder),
+                "--load-format", "dummy", "--device", "cuda", "--dtype", "bfloat16",
+                "--cuda-graph-max-bs", "1", "--max-running-requests", "1",
+                "--max-total-tokens", str(context + new_tokens + 64), "--max-prefill-tokens",
+                str(context), "--input", str(folder / "p.jsonl"), "--max-new-tokens",
+                str(new_tokens), "--ignore-eos", "--output", str(folder / "out.jsonl"),
+                "--report-json", str(folder / "report.json")]  # fmt: skip
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
+        done = subprocess.run(argv, capture_output=True, text=True, env=env)
+        if done.returncode:
+            return {"error": done.stderr.strip().splitlines()[-1:]}
+        report = json.loads((folder / "report.json").read_text())
+        return {"tpot_ms": report["timings"]["tpot_ms"], "counters": report["counters"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--context", type=int, default=1024, help="prompt tokens before decoding")
     p.add_argument("--steps", type=int, default=50, help="timed engine steps")
+    p.add_argument("--e2e-tokens", type=int, default=128, help="tokens of the generate run")
+    p.add_argument("--model-dir", help="a folder with the config.json to run")
     p.add_argument("--out", default="roofline.json")
     p.add_argument("--markdown", help="also write the table here")
     ns = p.parse_args(argv)
@@ -144,11 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.set_device(0)
     parallel = ParallelState.single(torch.device("cuda", 0))
     set_parallel(parallel)
-    config = model_config(ARCH, ROOFLINE_LLAMA)
+    if ns.model_dir:
+        config = json.loads((Path(ns.model_dir) / "config.json").read_text())
+    else:
+        config = model_config(ARCH, ROOFLINE_LLAMA)
+    # first, before this process holds the weights: the command a user runs
+    e2e = end_to_end(config, ns.context, ns.e2e_tokens)
     argv_engine = ["--device", "cuda", "--dtype", "bfloat16", "--cuda-graph-max-bs", "1",
                    "--max-running-requests", "1", "--max-total-tokens", str(ns.context + 4096),
                    "--max-prefill-tokens", str(ns.context)]  # fmt: skip
-    s = setup(ARCH, config, argv_engine)
+    s = setup(config["architectures"][0], config, argv_engine)
     start = time.perf_counter()
     runner = ModelRunner(s.launch, parallel)
     load_s = time.perf_counter() - start
@@ -183,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "command": "PYTHONPATH=. python bench/bench_roofline.py " + " ".join(argv or sys.argv[1:]),
-        "config": ROOFLINE_LLAMA,
+        "config": {k: config[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
+        "e2e": e2e,
         "load_s": load_s,
         "context_tokens": context,
         "bytes": {**weights, "kv": kv_bytes, "total": total},
@@ -193,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         "engine_step_ms": 1e3 * step_med,
         "fraction_graph": ideal_s / replay_s,
         "fraction_engine_step": ideal_s / step_med,
+        "e2e_tpot_ms": e2e.get("tpot_ms"),
+        # the e2e context grows over the run: its roofline at the mean context
+        "fraction_e2e": (
+            (total + ns.e2e_tokens / 2 * kv_per_token) / bandwidth / (e2e["tpot_ms"] / 1e3)
+            if e2e.get("tpot_ms")
+            else None
+        ),
         "eager_kernels": profile["kernels"],
         "eager_kernel_ms": {k: 1e3 * v for k, v in fam.items()},
         "gemm_bandwidth_gbps": weights["gemm"] / fam["gemm"] / 1e9 if fam["gemm"] else None,
@@ -209,8 +257,8 @@ def markdown(r: dict[str, Any]) -> str:
     gemm_bw = r["gemm_bandwidth_gbps"]
     attn_bw = r["attention_bandwidth_gbps"]
     return "\n".join([
-        f"Decode step at batch 1 on {r['device']}: Llama, hidden 4096, 32/8 heads of 128, "
-        f"MLP 14336, vocab 128256, {r['config']['num_hidden_layers']} layers, bf16, "
+        f"Decode step at batch 1 on {r['device']}: Llama, hidden {r['config']['hidden_size']}, "
+        f"vocab {r['config']['vocab_size']}, {r['config']['num_hidden_layers']} layers, bf16, "
         f"context {r['context_tokens']} tokens.",
         "",
         "| quantity | value |",
@@ -223,6 +271,10 @@ def markdown(r: dict[str, Any]) -> str:
         f"| **roofline fraction, replay** | **{r['fraction_graph']:.1%}** |",
         f"| engine step (host clock) | {r['engine_step_ms']:.3f} ms |",
         f"| roofline fraction, engine step | {r['fraction_engine_step']:.1%} |",
+        f"| `parcap generate` TPOT, end to end ({r['e2e'].get('counters', {}).get('decode_steps')}"
+        f" decode steps, device {r['e2e'].get('counters', {}).get('decode_device_ms')} ms each)"
+        f" | {r['e2e_tpot_ms'] or 0:.3f} ms |",
+        f"| **roofline fraction, end to end** | **{r['fraction_e2e'] or 0:.1%}** |",
         f"| eager step: {r['eager_kernels']} kernels, busy | {kernel_total:.3f} ms |",
         f"| of which GEMM/GEMV ({gemm_bw or 0:.0f} GB/s on weights) | {k['gemm']:.3f} ms |",
         f"| of which attention ({attn_bw or 0:.0f} GB/s on KV) | {k['attention']:.3f} ms |",

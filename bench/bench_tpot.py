@@ -12,6 +12,10 @@ all2all MoE backend, the topology where the gather question arises at every TP s
 
     PYTHONPATH=. python bench/bench_tpot.py --tp 1 2 4 --out tpot.json --markdown tpot.md
 
+`--model-dir DIR` (repeatable) adds a realistic shape from a config.json folder (e.g.
+bench/models/moonlight-16b-a3b), with seeded random weights drawn on the GPU; `--models`
+picks the benchmark shapes (`bench.configs.GPU_CONFIGS`), `--models` with no name none.
+
 A model whose module is missing is skipped (noted in the output), as is a TP size above the
 number of visible GPUs.
 """
@@ -198,7 +202,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--models", nargs="*", default=list(MODELS))
+    p.add_argument("--model-dir", action="append", default=[], help="a config.json folder")
     p.add_argument("--tp", nargs="+", type=int, default=[1, 2, 4])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES))
     p.add_argument("--prompt-len", type=int, default=16)
@@ -230,15 +235,18 @@ def main(argv: list[str] | None = None) -> int:
         "command": "PYTHONPATH=. python bench/bench_tpot.py " + " ".join(argv or sys.argv[1:]),
         "runs": [],
     }
-    for arch in ns.models:
+    shapes = [(arch, model_config(arch, GPU_CONFIGS.get(arch))) for arch in ns.models]
+    for folder in ns.model_dir:
+        shapes.append((Path(folder).name, json.loads((Path(folder) / "config.json").read_text())))
+    for name, config in shapes:
+        arch = config["architectures"][0]
         missing = available(arch)
         for tp in ns.tp:
-            entry: dict[str, Any] = {"model": arch, "tp": tp}
+            entry: dict[str, Any] = {"model": name, "tp": tp}
             if missing or tp > gpus:
                 entry["skipped"] = missing or f"tp {tp} needs {tp} GPUs, {gpus} visible"
-                print(f"{arch} tp{tp}: skipped: {entry['skipped']}", flush=True)
+                print(f"{name} tp{tp}: skipped: {entry['skipped']}", flush=True)
             else:
-                config = model_config(arch, GPU_CONFIGS.get(arch))
                 launches: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
                 for i in range(ns.launches):
                     # ABBA: a drift over the run (clocks, caches) hits both modes alike

@@ -9,14 +9,18 @@
 #   3. GPU tests (pytest -m gpu tests/gpu): FlashInfer vs torch attention, the Triton MoE
 #      kernel vs torch, CUDA graphs vs eager,
 #      NCCL tp 2 vs tp 1
-#   4. figure (b), roofline fraction at batch 1 (GPU 0)
-#   5. figure (a), decode TPOT auto vs --attn-tp-gather on, per model and TP size
-# Writes under $OUT: fused_moe.json, roofline.json, tpot.json, tests.txt, results.md
-# (the tables, with the card and the commands) and logs/ (each stage's output, as it
-# runs). STAGES picks stages (default: all of "device moe tests roofline tpot"); MODELS,
-# TPS, BATCH_SIZES, NEW_TOKENS, REPEATS and LAUNCHES narrow figure (a); a model whose
-# module is missing is skipped. On a machine lent for at most 10 minutes a command, split
-# it, e.g. STAGES="device tpot" MODELS="..." TPS="2 4".
+#   4. figure (b), roofline fraction at batch 1 (GPU 0): figure (b)'s 8-layer stack, then
+#      Llama-3.1-8B's shape (bench/models/llama-3.1-8b, dummy weights)
+#   5. host time per decode step, overlap on and off (bench/bench_host_time.py) for the
+#      realistic shapes in HOST_DIRS at TPS
+#   6. figure (a), decode TPOT auto vs --attn-tp-gather on, per model and TP size (MODELS:
+#      benchmark shapes; TPOT_DIRS: realistic shapes)
+# Writes under $OUT: fused_moe.json, roofline*.json, host_time.json, tpot.json, tests.txt,
+# results.md (the tables, with the card and the commands) and logs/ (each stage's output,
+# as it runs). STAGES picks stages (default: all of "device moe tests roofline host
+# tpot"); MODELS, TPS, BATCH_SIZES, NEW_TOKENS, REPEATS and LAUNCHES narrow figure (a); a
+# model whose module is missing is skipped. On a machine lent for at most 10 minutes a
+# command, split it, e.g. STAGES="device tpot" MODELS="..." TPS="2 4".
 set -uo pipefail
 OUT=${OUT:-/tmp/parcap-gpu}
 MODELS=${MODELS:-LlamaForCausalLM Qwen3MoeForCausalLM DeepseekV3ForCausalLM}
@@ -25,7 +29,10 @@ BATCH_SIZES=${BATCH_SIZES:-1 2 4 8 16 32 64}
 NEW_TOKENS=${NEW_TOKENS:-32}
 REPEATS=${REPEATS:-3}
 LAUNCHES=${LAUNCHES:-1}
-STAGES=${STAGES:-device moe tests roofline tpot}
+STAGES=${STAGES:-device moe tests roofline host tpot}
+HOST_DIRS=${HOST_DIRS:-bench/models/llama-3.1-8b bench/models/qwen3-30b-a3b bench/models/moonlight-16b-a3b}
+TPOT_DIRS=${TPOT_DIRS:-}
+ROOFLINE_DIRS=${ROOFLINE_DIRS:-bench/models/llama-3.1-8b}
 mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # NVLink multicast can take a shared host's GPUs down: keep it off in every process.
@@ -36,10 +43,11 @@ mkdir -p "$logs"
 
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
-stage() {  # stage NAME LIMIT_S COMMAND...: run it, print its log, remember a failure
+stage() {  # stage NAME[:PART] LIMIT_S COMMAND...: run it, print its log, remember a failure
   local name=$1 limit=$2
   shift 2
-  want "$name" || return 0
+  want "${name%%:*}" || return 0
+  name=${name//:/-}
   local start=$SECONDS
   echo "=== $name: $*"
   timeout "$limit" "$@" 2>&1 | tee "$logs/$name.log"
@@ -65,6 +73,11 @@ stage tests 420 python3 -m pytest -q -rA -m gpu tests/gpu
 
 stage roofline 300 env CUDA_VISIBLE_DEVICES=0 python3 bench/bench_roofline.py \
   --out "$OUT/roofline.json" --markdown "$logs/roofline.md"
+for dir in $ROOFLINE_DIRS; do
+  name=$(basename "$dir")
+  stage "roofline:$name" 300 env CUDA_VISIBLE_DEVICES=0 python3 bench/bench_roofline.py \
+    --model-dir "$dir" --out "$OUT/roofline-$name.json" --markdown "$logs/roofline-$name.md"
+done
 
 wait
 if want moe; then
@@ -75,8 +88,17 @@ if want moe; then
   [ "$status" -ne 0 ] || status=$rc
 fi
 
+host_args=()
+for dir in $HOST_DIRS; do host_args+=(--model-dir "$dir"); done
 # shellcheck disable=SC2086  # word lists on purpose
-stage tpot 900 python3 bench/bench_tpot.py --models $MODELS --tp $TPS \
+stage host 900 python3 bench/bench_host_time.py "${host_args[@]}" --tp $TPS \
+  --batch-sizes $BATCH_SIZES --new-tokens "$NEW_TOKENS" \
+  --out "$OUT/host_time.json" --markdown "$logs/host.md"
+
+tpot_args=()
+for dir in $TPOT_DIRS; do tpot_args+=(--model-dir "$dir"); done
+# shellcheck disable=SC2086  # word lists on purpose
+stage tpot 900 python3 bench/bench_tpot.py --models $MODELS "${tpot_args[@]}" --tp $TPS \
   --batch-sizes $BATCH_SIZES --new-tokens "$NEW_TOKENS" --repeats "$REPEATS" --launches "$LAUNCHES" \
   --out "$OUT/tpot.json" --markdown "$logs/tpot.md"
 
@@ -90,7 +112,11 @@ stage tpot 900 python3 bench/bench_tpot.py --models $MODELS --tp $TPS \
   echo
   echo "## Roofline at batch 1"
   echo
-  cat "$logs/roofline.md" 2>/dev/null || echo "(not measured: see the log)"
+  cat "$logs"/roofline*.md 2>/dev/null || echo "(not measured: see the log)"
+  echo
+  echo "## Host time per decode step"
+  echo
+  cat "$logs/host.md" 2>/dev/null || echo "(not measured: see the log)"
   echo
   echo "## Decode TPOT, auto vs --attn-tp-gather on"
   echo

@@ -205,6 +205,9 @@ class Counters:
     mlp_sync_calls: int = 0
     attn_tp_padding_tokens: int = 0
     capture_sizes: tuple[int, ...] = ()
+    # decode steps timed on the GPU (CUDA events around each) and their mean; None on CPU
+    decode_steps: int = 0
+    decode_device_ms: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {**attrs.asdict(self), "capture_sizes": list(self.capture_sizes)}

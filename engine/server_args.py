@@ -22,6 +22,7 @@ from registry.args import PlanArgs, at_least, fail, option, optional_str
 from registry.capabilities import is_bool
 
 DEVICES = ("cpu", "cuda")
+LOAD_FORMATS = ("auto", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -42,6 +43,13 @@ class ServerArgs(PlanArgs):
         metavar="DIR",
         help="Hugging Face checkpoint directory (config.json + safetensors)",
     )
+    load_format: str = option(
+        "auto",
+        choices=LOAD_FORMATS,
+        help="auto: the checkpoint's safetensors (--model-path) or seeded random weights "
+        "(--model); dummy: seeded random weights for --model-path's config.json (no weight "
+        "files needed; drawn on the GPU under --device cuda)",
+    )
     device: str = option("cpu", choices=DEVICES, help="where the model runs")
     dtype: str = option(
         "auto",
@@ -60,6 +68,12 @@ class ServerArgs(PlanArgs):
     )
     disable_cuda_graph: bool = option(
         False, validator=is_bool, help="run decode eagerly on cuda (cpu always runs eagerly)"
+    )
+    disable_overlap_schedule: bool = option(
+        False,
+        validator=is_bool,
+        help="wait for each step's tokens before scheduling the next (the default overlaps: "
+        "the host prepares step N+1 while the device runs step N)",
     )
     max_running_requests: int = option(
         64, validator=at_least(1), metavar="N", help="most requests decoded together"

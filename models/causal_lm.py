@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.model_api import ForwardBatch, ModelBase, ModelContext
-from engine.model_api.config import tie_word_embeddings
+from engine.model_api import Divides, ForwardBatch, ModelBase, ModelContext, MoeSettings
+from engine.model_api.config import num_kv_heads, tie_word_embeddings
 from models.layers.embedding import ParallelLMHead
 from models.layers.logits import LogitsProcessor
 
@@ -47,6 +47,31 @@ class CausalLM(ModelBase):
         """Logits [batch.batch_size, vocab] (float32) at `batch.sample_rows`, same on every
         rank of the attention-TP group."""
         return self.logits_processor(self.model(batch), self.lm_head, batch)
+
+
+def head_constraints(config: types.SimpleNamespace) -> list[Divides]:
+    """Attention heads split over attention-TP; KV heads too, or replicated when fewer."""
+    return [
+        Divides("num_attention_heads", config.num_attention_heads, "attn_tp"),
+        Divides("num_key_value_heads", num_kv_heads(config), "attn_tp", either_way=True),
+    ]
+
+
+def mlp_constraints(
+    moe: MoeSettings, dense: int | None, experts: int | None = None, expert_size: int = 0
+) -> list[Divides]:
+    """A dense MLP's intermediate size splits over "tp" (unless ``--moe-dense-tp-size 1``
+    replicates it); routed experts split over "tp" whole (all2all) or by their
+    intermediate size (none)."""
+    out = []
+    if dense is not None and moe.dense_tp_size != 1:
+        out.append(Divides("intermediate_size", dense, "tp"))
+    if experts:
+        if moe.a2a_backend != "none":
+            out.append(Divides("the number of routed experts", experts, "tp"))
+        else:
+            out.append(Divides("moe_intermediate_size", expert_size, "tp"))
+    return out
 
 
 def causal_lm_shapes(

@@ -27,9 +27,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.model_api import ForwardBatch, MLASpec, ModelContext, ParallelState, Weights
+from engine.model_api import (
+    Divides,
+    ForwardBatch,
+    MLASpec,
+    ModelContext,
+    MoeSettings,
+    ParallelState,
+    Weights,
+)
 from engine.model_api.parallel import all_gather_uneven, all_reduce, shard_sizes
-from models.causal_lm import TINY_COMMON, CausalLM, causal_lm_shapes
+from models.causal_lm import TINY_COMMON, CausalLM, causal_lm_shapes, mlp_constraints
 from models.layers.embedding import VocabParallelEmbedding
 from models.layers.mla import MLAAttention, mla_shapes
 from models.layers.mlp import GatedMLP, gated_mlp_shapes
@@ -207,6 +215,22 @@ class DeepseekV3ForCausalLM(CausalLM):
 
     def attention_spec(self) -> MLASpec:
         return self.model.layers[0].self_attn.spec
+
+    @staticmethod
+    def parallel_constraints(config: types.SimpleNamespace, moe: MoeSettings) -> list[Divides]:
+        layers = range(config.num_hidden_layers)
+        dense = any(not is_moe_layer(config, i) for i in layers)
+        experts = config.n_routed_experts if any(is_moe_layer(config, i) for i in layers) else 0
+        out = [Divides("num_attention_heads", config.num_attention_heads, "attn_tp")]
+        out += mlp_constraints(
+            moe, config.intermediate_size if dense else None, experts, config.moe_intermediate_size
+        )
+        shared = getattr(config, "n_shared_experts", None)
+        if experts and shared and moe.a2a_backend == "none":  # replicated next to all2all
+            out.append(
+                Divides("the shared experts' size", config.moe_intermediate_size * shared, "tp")
+            )
+        return out
 
     @staticmethod
     def tiny_config() -> dict[str, Any]:

@@ -8,10 +8,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.model_api import AttentionSpec, ForwardBatch, ModelContext, Weights, load_params
+from engine.model_api import (
+    AttentionSpec,
+    Divides,
+    ForwardBatch,
+    ModelContext,
+    MoeSettings,
+    Weights,
+    load_params,
+)
 from engine.model_api.communicator import LayerCommunicator, ScatterMode, final_norm, mlp_mode
 from engine.model_api.config import head_dim, num_kv_heads, rope_parameters
-from models.causal_lm import TINY_COMMON, CausalLM, causal_lm_shapes
+from models.causal_lm import (
+    TINY_COMMON,
+    CausalLM,
+    causal_lm_shapes,
+    head_constraints,
+    mlp_constraints,
+)
 from models.layers.attention import Attention
 from models.layers.embedding import VocabParallelEmbedding
 from models.layers.linear import QKVParallelLinear, RowParallelLinear, linear_shapes
@@ -44,10 +58,7 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         """Partial sums over attention-TP ranks; the decoder layer reduces them."""
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q = q.view(-1, self.attn.num_heads, self.attn.head_dim)
-        k = k.view(-1, self.attn.num_kv_heads, self.attn.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, batch))
+        return self.o_proj(self.attn.rope_and_attend(self.rotary_emb, q, k, v, batch))
 
 
 def llama_attention_shapes(
@@ -161,6 +172,10 @@ class LlamaForCausalLM(CausalLM):
 
     def attention_spec(self) -> AttentionSpec:
         return self.model.layers[0].self_attn.attn.spec
+
+    @staticmethod
+    def parallel_constraints(config: types.SimpleNamespace, moe: MoeSettings) -> list[Divides]:
+        return head_constraints(config) + mlp_constraints(moe, config.intermediate_size)
 
     @staticmethod
     def tiny_config() -> dict[str, Any]:

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.model_api import ForwardBatch, ModelContext, Weights
+from engine.model_api import Divides, ForwardBatch, ModelContext, MoeSettings, Weights
 from engine.model_api.config import head_dim
-from models.causal_lm import TINY_COMMON, causal_lm_shapes
+from models.causal_lm import TINY_COMMON, causal_lm_shapes, head_constraints, mlp_constraints
 from models.layers.mlp import gated_mlp_shapes
 from models.layers.moe import MoE
 from models.layers.moe_weights import load_with_experts, moe_shapes
@@ -63,8 +63,7 @@ class Qwen3MoeAttention(LlamaAttention):
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         q = self.q_norm(q.reshape(-1, self.attn.num_heads, self.attn.head_dim))
         k = self.k_norm(k.reshape(-1, self.attn.num_kv_heads, self.attn.head_dim))
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, batch))
+        return self.o_proj(self.attn.rope_and_attend(self.rotary_emb, q, k, v, batch))
 
 
 class Qwen3MoeSparseMoeBlock(MoE):
@@ -108,6 +107,18 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
 
     def load_weights(self, weights: Weights) -> None:
         load_with_experts(self, weights, self.packed_modules_mapping)
+
+    @staticmethod
+    def parallel_constraints(config: types.SimpleNamespace, moe: MoeSettings) -> list[Divides]:
+        layers = range(config.num_hidden_layers)
+        dense = any(not is_sparse_layer(config, i) for i in layers)
+        sparse = any(is_sparse_layer(config, i) for i in layers)
+        return head_constraints(config) + mlp_constraints(
+            moe,
+            config.intermediate_size if dense else None,
+            num_experts(config) if sparse else None,
+            config.moe_intermediate_size,
+        )
 
     @staticmethod
     def tiny_config() -> dict[str, Any]:

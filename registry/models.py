@@ -25,6 +25,7 @@ BUILTIN_MODELS: Mapping[str, str] = {
     "LlamaForCausalLM": "models.llama:LlamaForCausalLM",
     "Qwen3MoeForCausalLM": "models.qwen3_moe:Qwen3MoeForCausalLM",
     "DeepseekV3ForCausalLM": "models.deepseek_v3:DeepseekV3ForCausalLM",
+    "DeepseekV4ForCausalLM": "models.deepseek_v4:DeepseekV4ForCausalLM",
 }
 
 

@@ -39,7 +39,9 @@ def kv_indices(batch: ForwardBatch, real_tokens: int) -> torch.Tensor:
     pad = torch.full((batch.rows - batch.num_tokens,), SINK_SLOT, dtype=torch.int32, device=device)
     if real_tokens == 0:
         return pad
-    lens = torch.tensor(batch.seq_lens, dtype=torch.int64, device=device)
+    lens = batch.seq_lens_tensor
+    if lens is None:
+        lens = torch.tensor(batch.seq_lens, dtype=torch.int64, device=device)
     # row r of the table repeated seq_len times, with columns 0..seq_len-1: no host loop
     req = torch.repeat_interleave(batch.req_pool_indices, lens, output_size=real_tokens)
     first = torch.cumsum(lens, 0) - lens

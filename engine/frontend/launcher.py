@@ -20,11 +20,13 @@ from engine.attention.registry import BackendUnavailable, check_available
 from engine.frontend.model_source import ModelSourceError, model_source
 from engine.frontend.rank_process import run_rank
 from engine.frontend.tokenizer import Tokenizer, TokenizerError, eos_ids, load_tokenizer
-from engine.messages import CLOSE, Bye, Launch, RankFailed
+from engine.messages import CLOSE, Bye, Launch, ModelSource, RankFailed
+from engine.model_api.contract import MoeSettings
 from engine.server_args import ServerArgs
 from registry import (
     ModelInfo,
     ModelLoadError,
+    ParallelPlan,
     PlanRefused,
     UnknownArchitecture,
     explain_json,
@@ -89,9 +91,27 @@ def prepare(args: ServerArgs) -> Setup:
     source = model_source(args.model, args.model_path)
     info = get_model_info(source.architecture)
     plan = resolve_plan(info.capabilities, args, model=source.architecture)
+    check_divisible(info.cls, source, args, plan)
     tokenizer = load_tokenizer(args.model_path, source.namespace)
     launch = Launch(args, plan, source, init_method(args), eos_ids(source.namespace))
     return Setup(launch, info, tokenizer)
+
+
+def check_divisible(cls: type, source: ModelSource, args: ServerArgs, plan: ParallelPlan) -> None:
+    """Every config size the model splits over a parallel group splits evenly: else the
+    flag and the numbers, as a user mistake (not a rank's error after the spawn)."""
+    sizes = {"tp": (args.tp_size, "TP"), "attn_tp": (plan.attn_tp_size, "attention-TP")}
+    flags = f"--tp-size {args.tp_size}"
+    if plan.attn_dp_size > 1:
+        flags += f" --dp-size {args.dp_size} --enable-dp-attention"
+    for c in cls.parallel_constraints(source.namespace, MoeSettings.from_args(args)):
+        size, label = sizes[c.group]
+        if not c.holds(size):
+            either = " (or divide it)" if c.either_way else ""
+            raise UsageError(
+                f"{flags}: {source.architecture}'s {c.name} ({c.value}) must be divisible "
+                f"by the {label} size ({size}){either}"
+            )
 
 
 def init_method(args: ServerArgs) -> str:

@@ -14,7 +14,13 @@ Importing this package imports torch; nothing here imports `models`.
 """
 
 from engine.attention.base import AttentionBackend, AttentionSpec, MLASpec
-from engine.model_api.contract import KVBufferSpec, ModelBase, ModelContext, MoeSettings
+from engine.model_api.contract import (
+    Divides,
+    KVBufferSpec,
+    ModelBase,
+    ModelContext,
+    MoeSettings,
+)
 from engine.model_api.forward_batch import ForwardBatch, ForwardMode
 from engine.model_api.parallel import ParallelState, RankGroup
 from engine.model_api.weights import CheckpointError, Weights, WeightSource, load_params
@@ -23,6 +29,7 @@ __all__ = [
     "AttentionBackend",
     "AttentionSpec",
     "CheckpointError",
+    "Divides",
     "ForwardBatch",
     "ForwardMode",
     "KVBufferSpec",

@@ -42,6 +42,21 @@ class MoeSettings:
 
 
 @frozen
+class Divides:
+    """A config size that must split evenly over a parallel group ("tp" or "attn_tp"); with
+    `either_way`, the group may instead split evenly over it (KV heads replicated when
+    there are fewer than ranks)."""
+
+    name: str
+    value: int
+    group: str
+    either_way: bool = False
+
+    def holds(self, size: int) -> bool:
+        return self.value % size == 0 or (self.either_way and size % self.value == 0)
+
+
+@frozen
 class ModelContext:
     """Everything a model's constructor needs besides its config: the parallel layout its
     layers shard over and the MoE settings of the launch."""
@@ -69,6 +84,10 @@ class ModelBase(nn.Module, abc.ABC):
       model's attention calls no backend and runs in torch).
     - ``tiny_config()`` / ``checkpoint_shapes(config)``: the embedded default config (byte
       tokenizer vocabulary) and every checkpoint tensor's name and shape.
+    - ``parallel_constraints(config, moe)``: the config sizes that must split evenly over
+      the TP or attention-TP group (`Divides`), checked before any rank starts.
+    - ``checkpoint_name(name)``: the name a checkpoint tensor goes by in
+      `checkpoint_shapes` (a model may accept several naming schemes), or None to skip it.
     - ``ignores_tensor(name)``: checkpoint tensors the model has no use for (e.g. MTP layers).
     """
 
@@ -95,6 +114,13 @@ class ModelBase(nn.Module, abc.ABC):
     @staticmethod
     @abc.abstractmethod
     def checkpoint_shapes(config: types.SimpleNamespace) -> dict[str, tuple[int, ...]]: ...
+
+    @staticmethod
+    def parallel_constraints(config: types.SimpleNamespace, moe: MoeSettings) -> list[Divides]:
+        return []
+
+    def checkpoint_name(self, name: str) -> str | None:
+        return name
 
     def ignores_tensor(self, name: str) -> bool:
         return False

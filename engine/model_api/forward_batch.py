@@ -50,6 +50,7 @@ class ForwardBatch:
     max_rows_per_rank: int | None = None
     attn_tp_gather: bool = False
     mlp_tp_gather: bool = False
+    seq_lens_tensor: torch.Tensor | None = None  # [bs] int64 `seq_lens` on the device
 
     @property
     def rows(self) -> int:

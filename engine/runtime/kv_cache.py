@@ -83,4 +83,6 @@ class ReqToTokenPool:
         self._free.append(row)
 
     def write(self, row: int, start: int, slots: Sequence[int]) -> None:
-        self.table[row, start : start + len(slots)] = torch.tensor(slots, dtype=torch.int64)
+        # non-blocking: queued behind the steps in flight, without waiting for them
+        values = torch.tensor(slots, dtype=torch.int64)
+        self.table[row, start : start + len(slots)].copy_(values, non_blocking=True)

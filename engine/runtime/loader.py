@@ -40,12 +40,17 @@ class SafetensorsSource:
 
 
 class RandomSource:
-    """A seeded tensor, generated whole so every shard of it agrees whatever the TP size."""
+    """A seeded tensor, generated whole so every shard of it agrees whatever the TP size;
+    on a GPU `device` it is drawn there (fast for real model sizes; other values than the
+    CPU's draw, the same on every GPU)."""
 
-    def __init__(self, name: str, shape: tuple[int, ...], seed: int) -> None:
+    def __init__(
+        self, name: str, shape: tuple[int, ...], seed: int, device: torch.device | None = None
+    ) -> None:
         self.name = name
         self._shape = tuple(shape)
         self.seed = seed
+        self.device = device
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -55,13 +60,18 @@ class RandomSource:
         return self.full().narrow(dim, start, length)
 
     def full(self) -> torch.Tensor:
-        return random_tensor(self.name, self._shape, self.seed)
+        return random_tensor(self.name, self._shape, self.seed, self.device)
 
 
-def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+def random_tensor(
+    name: str, shape: tuple[int, ...], seed: int, device: torch.device | None = None
+) -> torch.Tensor:
     """Norm weights near 1, biases near 0, matrices scaled by 1/sqrt(fan-in)."""
-    generator = torch.Generator().manual_seed((zlib.crc32(name.encode()) ^ seed) & (2**63 - 1))
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    generator = torch.Generator(device).manual_seed(
+        (zlib.crc32(name.encode()) ^ seed) & (2**63 - 1)
+    )
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32, device=device)
     if len(shape) >= 2:
         return noise / math.sqrt(shape[-1])
     if "norm" in name.rsplit(".", 1)[0].rsplit(".", 1)[-1]:
@@ -70,10 +80,10 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def random_weights(
-    shapes: Mapping[str, tuple[int, ...]], seed: int
+    shapes: Mapping[str, tuple[int, ...]], seed: int, device: torch.device | None = None
 ) -> Iterator[tuple[str, RandomSource]]:
     for name, shape in shapes.items():
-        yield name, RandomSource(name, tuple(shape), seed)
+        yield name, RandomSource(name, tuple(shape), seed, device)
 
 
 def iter_checkpoint(path: str | Path) -> Iterator[tuple[str, SafetensorsSource]]:
@@ -103,7 +113,8 @@ def _checkpoint_files(path: Path) -> list[Path]:
 def load_model(model: ModelBase, weights: Weights) -> None:
     """Check `weights` against `model.checkpoint_shapes(model.config)`, then load them.
 
-    A model may skip checkpoint tensors it has no use for with `ignores_tensor(name)`.
+    A model may rename checkpoint tensors (`checkpoint_name(name)`, e.g. from a released
+    checkpoint's naming to its own) and skip those it has no use for (`ignores_tensor`).
 
     Fails on the first unexpected or mis-shaped tensor, and after the last on a missing one.
     """
@@ -112,7 +123,10 @@ def load_model(model: ModelBase, weights: Weights) -> None:
     seen = set()
 
     def checked() -> Iterator[tuple[str, WeightSource]]:
-        for name, source in weights:
+        for given, source in weights:
+            name = model.checkpoint_name(given)
+            if name is None:
+                continue
             if name in expected:
                 if tuple(source.shape) != tuple(expected[name]):
                     raise CheckpointError(

@@ -17,8 +17,9 @@ from engine.model_api.parallel import ParallelState
 from engine.runtime.graph_runner import GraphRunner
 from engine.runtime.kv_cache import SINK_SLOT, KVPool, ReqToTokenPool
 from engine.runtime.loader import build_model, iter_checkpoint, load_model, random_weights
-from engine.runtime.sampling import sample
+from engine.runtime.sampling import sample_on_device
 from engine.runtime.scheduler import Batch
+from engine.runtime.step_io import SampledStep, TokenBoard
 from engine.runtime.step_layout import StepLayout, StepLayouter, capture_sizes, round_up
 from registry import ParallelPlan, get_model_class
 
@@ -46,8 +47,10 @@ class ModelRunner:
         cls = get_model_class(source.architecture)
         ctx = ModelContext(parallel, MoeSettings.from_args(args))
         self.model = build_model(cls, config, ctx, self.dtype)
-        if source.path is None:
-            weights = random_weights(cls.checkpoint_shapes(config), args.seed)
+        if source.path is None or args.load_format == "dummy":
+            # drawn on a GPU where there is one: seconds for a real model's size
+            where = self.device if self.device.type == "cuda" else None
+            weights = random_weights(cls.checkpoint_shapes(config), args.seed, where)
         else:
             weights = iter_checkpoint(source.path)
         load_model(self.model, weights)
@@ -56,6 +59,7 @@ class ModelRunner:
         )
         width = min(source.context_len, args.max_total_tokens)
         self.table = ReqToTokenPool(args.max_running_requests, width, self.device)
+        self.board = TokenBoard(args.max_running_requests, self.device)
         # CPU pads as a CUDA-graph run would, whatever --disable-cuda-graph says
         disabled = args.disable_cuda_graph and self.device.type == "cuda"
         sizes = [] if disabled else capture_sizes(args.cuda_graph_max_bs, plan.token_alignment)
@@ -80,27 +84,44 @@ class ModelRunner:
         return 0 if b is None else b.numel() * b.element_size()
 
     def prepare(self, batch: Batch | None, layout: StepLayout) -> ForwardBatch:
-        """The step's rows: each request's new tokens, then padding up to `layout.rows`."""
+        """The step's rows: each request's new tokens, then padding up to `layout.rows`.
+
+        A decode step's input ids are gathered on the device from the token board (each
+        request's latest sampled token, which the host may not have read yet); everything
+        else is built here and sent in one copy that does not wait for the device."""
+        seqs = batch.seqs if batch else []
+        decode = batch is not None and batch.mode is ForwardMode.DECODE
         ids, positions, slots, seq_lens, extend_lens = [], [], [], [], []
-        for seq in batch.seqs if batch else []:
-            start = 0 if batch.mode is ForwardMode.EXTEND else len(seq) - 1
-            ids += seq.token_ids[start:]
-            positions += range(start, len(seq))
-            slots += seq.slots[start : len(seq)]
-            seq_lens.append(len(seq))
-            extend_lens.append(len(seq) - start)
-        pad = layout.rows - len(ids)
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=self.device)
+        for seq in seqs:
+            context = seq.total - 1  # the step's own output is already counted in flight
+            start = context - 1 if decode else 0
+            ids += [seq.row] if decode else seq.token_ids[start:context]
+            positions += range(start, context)
+            slots += seq.slots[start:context]
+            seq_lens.append(context)
+            extend_lens.append(context - start)
+        pad = layout.rows - len(positions)
+        ids += [self.board.pad_row if decode else 0] * pad
+        rows = [s.row for s in seqs]
+        sample_rows = [end - 1 for end in itertools.accumulate(extend_lens)]
+        host = torch.tensor(
+            [*ids, *positions, *[0] * pad, *slots, *[SINK_SLOT] * pad, *rows, *sample_rows,
+             *seq_lens],
+            dtype=torch.int64,
+        )  # fmt: skip
+        flat = host.to(self.device, non_blocking=True)
+        n, bs = layout.rows, len(seqs)
+        ids_t, pos_t, slots_t, rows_t, sample_t, lens_t = flat.split([n, n, n, bs, bs, bs])
         return ForwardBatch(
             mode=layout.mode,
-            input_ids=as_tensor(ids + [0] * pad),
-            positions=as_tensor(positions + [0] * pad),
-            out_cache_loc=as_tensor(slots + [SINK_SLOT] * pad),
-            req_pool_indices=as_tensor([s.row for s in batch.seqs] if batch else []),
+            input_ids=self.board.read(ids_t) if decode else ids_t,
+            positions=pos_t,
+            out_cache_loc=slots_t,
+            req_pool_indices=rows_t,
             seq_lens=seq_lens,
             extend_lens=extend_lens,
             num_tokens=layout.num_tokens,
-            sample_rows=as_tensor([end - 1 for end in itertools.accumulate(extend_lens)]),
+            sample_rows=sample_t,
             kv_pool=self.kv,
             req_to_token=self.table.table,
             attn_backend=self.backend,
@@ -110,6 +131,7 @@ class ModelRunner:
             max_rows_per_rank=layout.max_rows_per_rank,
             attn_tp_gather=self.plan.attn_tp_gather.value,
             mlp_tp_gather=self.plan.mlp_tp_gather.value,
+            seq_lens_tensor=lens_t,
         )
 
     def graph_batch(self, rows: int) -> ForwardBatch:
@@ -126,13 +148,23 @@ class ModelRunner:
             num_tokens=rows,
             sample_rows=torch.arange(rows, device=self.device),
             num_token_non_padded=layout.num_token_non_padded,
+            seq_lens_tensor=torch.ones(rows, dtype=torch.int64, device=self.device),
         )
 
     @torch.inference_mode()
-    def step(self, batch: Batch | None, layout: StepLayout) -> tuple[list[int], list[float]]:
-        """Run one forward (an idle one when `batch` is None); sampled tokens and logprobs."""
+    def launch(self, batch: Batch | None, layout: StepLayout) -> SampledStep | None:
+        """Run one forward (an idle one when `batch` is None) and sample it, without waiting
+        for the device: the tokens go to the board for the next step and to the host."""
         fb = self.prepare(batch, layout)
         logits = self.graphs.run(self.model.forward, fb, layout)
         if batch is None:
-            return [], []
-        return sample(logits, batch.seqs)
+            return None
+        tokens, logprobs = sample_on_device(logits, batch.seqs)
+        self.board.write(fb.req_pool_indices, tokens)
+        drawn = any(not seq.params.greedy for seq in batch.seqs)
+        return SampledStep(tokens, logprobs, must_wait=drawn)
+
+    def step(self, batch: Batch | None, layout: StepLayout) -> tuple[list[int], list[float]]:
+        """`launch`, then wait for the tokens (the synchronous step)."""
+        sampled = self.launch(batch, layout)
+        return ([], []) if sampled is None else sampled.resolve()

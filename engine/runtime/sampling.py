@@ -14,10 +14,18 @@ from engine.runtime.sequence import Sequence
 
 
 def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[float]]:
-    """Tokens for each row, and their log-probability under the model's (raw) distribution.
+    """Tokens for each row, and their log-probability under the model's (raw) distribution."""
+    tokens, chosen = sample_on_device(logits, seqs)
+    both = torch.stack([tokens.double(), chosen.double()]).cpu()  # one copy; ids < 2**53
+    return [int(t) for t in both[0].tolist()], both[1].tolist()
 
-    Greedy rows stay on the logits' device; only the rows that draw (seeded generators live
-    on the host) and the two result vectors are copied."""
+
+def sample_on_device(
+    logits: torch.Tensor, seqs: Seq[Sequence]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (int64) and their log-probabilities (float32), one per sequence, on the
+    logits' device. Greedy rows never leave it; only the rows that draw (seeded generators
+    live on the host) go to the host and back."""
     logits = logits[: len(seqs)].float()
     logprobs = torch.log_softmax(logits, dim=-1)
     tokens = logits.argmax(dim=-1)
@@ -26,9 +34,7 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[f
         rows = logits[drawn].cpu()
         picks = [_draw(row, seqs[i]) for row, i in zip(rows, drawn, strict=True)]
         tokens[drawn] = torch.tensor(picks, device=tokens.device)
-    chosen = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    both = torch.stack([tokens.double(), chosen.double()]).cpu()  # one copy; ids < 2**53
-    return [int(t) for t in both[0].tolist()], both[1].tolist()
+    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def _draw(logits: torch.Tensor, seq: Sequence) -> int:

@@ -65,12 +65,19 @@ class Scheduler:
         return None
 
     def schedule(self) -> Batch | None:
+        """The next step, committed: each of its sequences has one more token in flight.
+        A sequence whose outputs in flight already reach max_new_tokens sits it out."""
         admitted = self._admit()
         if admitted:
-            return Batch(ForwardMode.EXTEND, admitted)
-        if self.running:
-            return Batch(ForwardMode.DECODE, list(self.running))
-        return None
+            batch = Batch(ForwardMode.EXTEND, admitted)
+        else:
+            decoding = [s for s in self.running if s.scheduled_outputs < s.params.max_new_tokens]
+            if not decoding:
+                return None
+            batch = Batch(ForwardMode.DECODE, decoding)
+        for seq in batch.seqs:
+            seq.in_flight += 1
+        return batch
 
     def _admit(self) -> list[Sequence]:
         admitted: list[Sequence] = []
@@ -94,19 +101,21 @@ class Scheduler:
             tokens += len(seq)
         return admitted
 
-    def idle_after(self, batch: Batch | None) -> bool:
-        """True when, barring new requests, nothing is left once `batch` has run."""
+    def idle_after(self) -> bool:
+        """True when, barring new requests, nothing is left once the scheduled steps ran."""
         if self.waiting:
             return False
-        stepped = set() if batch is None else {id(s) for s in batch.seqs}
-        return all(
-            id(s) in stepped and s.num_output + 1 >= s.params.max_new_tokens for s in self.running
-        )
+        return all(s.scheduled_outputs >= s.params.max_new_tokens for s in self.running)
 
     def update(self, batch: Batch, tokens: list[int], logprobs: list[float]) -> list[Event]:
-        """Append each sequence's sampled token; finished sequences leave and free their KV."""
+        """Append each sequence's sampled token; finished sequences leave and free their KV.
+        A sequence that finished or was aborted since the step was scheduled (the overlap
+        scheduler's one wasted step) takes nothing."""
         events = []
         for seq, token, logprob in zip(batch.seqs, tokens, logprobs, strict=True):
+            if seq.status is not Status.RUNNING:
+                continue
+            seq.in_flight -= 1
             seq.token_ids.append(token)
             reason = None
             if token in self.eos_ids and not seq.params.ignore_eos:

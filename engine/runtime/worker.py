@@ -4,6 +4,14 @@ Requests reach the attention-TP leader of each attention-DP group through its in
 leader broadcasts what it took to its group, so every rank of a group schedules alike.
 Token events, counters and errors leave through one outbox.
 
+Overlap (the default; `--disable-overlap-schedule` turns it off). A step is launched
+without waiting for its tokens: they go to the device's token board, where the next decode
+step reads its input ids, and to the host asynchronously. The loop launches step N+1, then
+reads step N's tokens, so the host's scheduling and preparation of N+1 run while the
+device computes N. The scheduler counts tokens in flight, so a request is never scheduled
+past max_new_tokens; one that stops on EOS costs at most one wasted step, whose tokens
+are dropped. A step with rows drawn on the host (sampling with a seed) waits for them.
+
 mlp_sync accounting. Under `plan.mlp_sync` every loop iteration that syncs runs exactly
 one forward (real, or idle for a group without work), so `mlp_sync_calls == steps`. When
 a sync shows every group idle after the step and told of the same submissions
@@ -51,6 +59,7 @@ from engine.runtime.process_groups import (
     init_parallel,
 )
 from engine.runtime.scheduler import Batch, Scheduler
+from engine.runtime.step_io import DeviceClock, SampledStep
 from engine.runtime.step_layout import StepLayout
 from engine.runtime.step_sync import all_quiet, exchange
 
@@ -90,6 +99,10 @@ class Worker:
         self.sync = plan.mlp_sync.value
         if not self.sync and plan.attn_dp_size > 1:
             raise ValueError("attention-DP groups need the plan's mlp_sync")
+        self.overlap = not args.disable_overlap_schedule
+        # launched and not read back: the batch, its tokens, its decode step's device span
+        self.pending: tuple[Batch, SampledStep, tuple | None] | None = None
+        self.clock = DeviceClock(device)
         self.seen = 0
         self.closed = False
         self.quiet, self.quiet_seen = True, 0
@@ -108,6 +121,8 @@ class Worker:
             mlp_sync_calls=self.sync_calls,
             attn_tp_padding_tokens=self.padding_tokens,
             capture_sizes=tuple(self.runner.layouter.sizes),
+            decode_steps=self.clock.steps,
+            decode_device_ms=self.clock.mean_ms,
         )
 
     def close(self) -> None:
@@ -133,22 +148,39 @@ class Worker:
             batch = self.scheduler.schedule()
             idle = self.quiet and intake.seen == self.quiet_seen if self.sync else batch is None
             if idle:
+                events += self.read_pending()
                 self.emit(events)
                 self.report_counters()
-                if intake.closed:
+                if intake.closed and not self.scheduler.has_work:
                     return
                 continue
             layout = self.layout(batch, intake)
-            tokens, logprobs = self.runner.step(batch, layout)
+            start = self.clock.start() if layout.mode is ForwardMode.DECODE else None
+            sampled = self.runner.launch(batch, layout)
+            span = self.clock.stop(start)
             self.steps += 1
             self.padding_tokens += layout.padding_tokens
-            if batch is not None:
-                events += self.scheduler.update(batch, tokens, logprobs)
+            events += self.read_pending()  # the previous step's, while this one runs
+            if sampled is not None:
+                self.pending = (batch, sampled, span)
+                if not self.overlap or sampled.must_wait:
+                    events += self.read_pending()
             self.emit(events)
             if self.quiet if self.sync else not self.scheduler.has_work:
                 self.report_counters()
             if self.steps == self.kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
+
+    def read_pending(self) -> list[Event]:
+        """Read back the launched step's tokens (waiting for the device if need be) and
+        apply them: events, stops, freed KV."""
+        if self.pending is None:
+            return []
+        batch, sampled, span = self.pending
+        self.pending = None
+        events = self.scheduler.update(batch, *sampled.resolve())
+        self.clock.add(span)
+        return events
 
     def layout(self, batch: Batch | None, intake: Intake) -> StepLayout:
         mode = batch.mode if batch is not None else ForwardMode.IDLE
@@ -156,7 +188,7 @@ class Worker:
         layouter = self.runner.layouter
         if not self.sync:
             return layouter.local(mode, n)
-        mine = layouter.info(mode, n, self.scheduler.idle_after(batch), intake.seen)
+        mine = layouter.info(mode, n, self.scheduler.idle_after(), intake.seen)
         infos = exchange(mine, self.state.attn_tp_size)
         self.sync_calls += 1
         self.quiet, self.quiet_seen = all_quiet(infos), intake.seen

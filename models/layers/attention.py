@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from engine.model_api import AttentionSpec, ForwardBatch
+from models.layers.rope_store import rope_and_store
+from models.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -59,5 +61,32 @@ class Attention(nn.Module):
         k = k.reshape(rows, self.num_kv_heads, self.head_dim)
         v = v.reshape(rows, self.num_kv_heads, self.v_head_dim)
         batch.kv_pool.store(self.layer_id, batch.out_cache_loc, k, v)
+        return self.attend(q, k, v, batch)
+
+    def rope_and_attend(
+        self,
+        rotary: RotaryEmbedding,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:
+        """Rotate q and k at the step's positions, store k and v, attend: on CUDA one fused
+        kernel does the first two (`rope_store`), else torch."""
+        rows = q.shape[0]
+        q = q.view(rows, self.num_heads, self.head_dim)
+        k = k.view(rows, self.num_kv_heads, self.head_dim)
+        table = rotary.fused_table(q)
+        if table is None:
+            q, k = rotary(batch.positions, q, k)
+            return self.forward(q, k, v, batch)
+        v = v.view(rows, self.num_kv_heads, self.v_head_dim)
+        k_buf, v_buf = batch.kv_pool.layer(self.layer_id)
+        rope_and_store(q, k, v, batch.positions, batch.out_cache_loc, table, k_buf, v_buf)
+        return self.attend(q, k, v, batch)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
         out = batch.attn_backend.forward(q, k, v, self.layer_id, self.spec, batch)
-        return out.reshape(rows, self.num_heads * self.v_head_dim)
+        return out.reshape(q.shape[0], self.num_heads * self.v_head_dim)

@@ -90,26 +90,25 @@ def _align(ids: Tensor, num_experts: int, align: int, num_slots: int):
     return sorted_pairs, block_expert, block_rows
 
 
-def _gemm(a, w, out, scale, layout, a_div, m_bucket, gate_up, config):
+def _gemm(a, w, out, scale, layout, a_div, m_bucket, gate_up, config, limit=None):
     sorted_pairs, block_expert, block_rows, align = layout
     num_slots = sorted_pairs.numel()
     n_out = out.shape[1]
     k_dim = a.shape[1]
     grid = lambda meta: (num_slots // meta["BLOCK_M"] * triton.cdiv(n_out, meta["BLOCK_N"]),)
+    clamp_at = 0.0 if limit is None else float(limit)
     args = (
         a, w, out, scale, sorted_pairs, block_expert, block_rows,
-        num_slots, align, a_div, m_bucket, n_out, k_dim,
+        num_slots, align, a_div, m_bucket, clamp_at, n_out, k_dim,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0),
     )  # fmt: skip
-    fp32 = a.dtype == torch.float32
+    flags = dict(GATE_UP=gate_up, FP32=a.dtype == torch.float32, CLAMP=limit is not None)
     if config is None:
-        _moe_gemm_tuned[grid](*args, GATE_UP=gate_up, FP32=fp32)
+        _moe_gemm_tuned[grid](*args, **flags)
     else:
         meta = dict(config)
         warps, stages = meta.pop("num_warps", 4), meta.pop("num_stages", 3)
-        _moe_gemm[grid](
-            *args, GATE_UP=gate_up, FP32=fp32, num_warps=warps, num_stages=stages, **meta
-        )
+        _moe_gemm[grid](*args, **flags, num_warps=warps, num_stages=stages, **meta)
 
 
 def fused_experts_triton(
@@ -120,9 +119,11 @@ def fused_experts_triton(
     topk_ids: Tensor,
     *,
     config: dict | None = None,
+    swiglu_limit: float | None = None,
 ) -> Tensor:
     """Triton grouped GEMM over the routed pairs. ``config`` fixes the tile sizes
-    (BLOCK_M/N/K, GROUP_M, num_warps, num_stages) instead of autotuning."""
+    (BLOCK_M/N/K, GROUP_M, num_warps, num_stages) instead of autotuning; ``swiglu_limit``
+    clamps gate and up in the gate_up epilogue."""
     if not HAS_TRITON:
         raise RuntimeError("fused_experts_triton needs triton")
     _check_shapes(hidden, w13, w2, topk_weights, topk_ids)
@@ -141,7 +142,7 @@ def fused_experts_triton(
     m_bucket = min(_next_pow2(n), _MAX_BUCKET)
 
     act = torch.empty(n, inter, dtype=hidden.dtype, device=hidden.device)
-    _gemm(hidden, w13, act, scale, layout, top_k, m_bucket, True, config)
+    _gemm(hidden, w13, act, scale, layout, top_k, m_bucket, True, config, swiglu_limit)
     part = torch.empty(n, h, dtype=torch.float32, device=hidden.device)
     _gemm(act, w2, part, scale, layout, 1, m_bucket, False, config)
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.layers.activation import clamp_gate_up
+
 
 def _check_shapes(hidden: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, ids: Tensor) -> None:
     t, h = hidden.shape
@@ -31,6 +33,7 @@ def fused_experts_torch(
     w2: Tensor,
     topk_weights: Tensor,
     topk_ids: Tensor,
+    swiglu_limit: float | None = None,
 ) -> Tensor:
     """Reference path: group the (token, k) pairs by expert, one matmul pair per expert."""
     _check_shapes(hidden, w13, w2, topk_weights, topk_ids)
@@ -55,7 +58,8 @@ def fused_experts_torch(
         x = hidden[tokens[rows]]
         # The GEMMs accumulate in fp32 internally; the activation and the sum run in acc_dtype.
         gate_up = F.linear(x, w13[e]).to(acc_dtype)
-        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        gate, up = clamp_gate_up(gate_up[:, :inter], gate_up[:, inter:], swiglu_limit)
+        act = F.silu(gate) * up
         down = F.linear(act.to(hidden.dtype), w2[e]).to(acc_dtype)
         out.index_add_(0, tokens[rows], down * weights[rows, None])
     return out.to(hidden.dtype)

@@ -88,7 +88,7 @@ if HAS_TRITON:
             cursor += tl.sum(hit.to(tl.int32), axis=0)
             start += BLOCK
 
-    @triton.jit(do_not_specialize=["num_slots", "align", "a_div", "m_bucket"])
+    @triton.jit(do_not_specialize=["num_slots", "align", "a_div", "m_bucket", "limit"])
     def _moe_gemm_kernel(
         a_ptr,
         w_ptr,
@@ -101,6 +101,7 @@ if HAS_TRITON:
         align,
         a_div,
         m_bucket,
+        limit,  # swiglu_limit, read only when CLAMP
         N,
         K: tl.constexpr,  # fixed per model; a constexpr K-loop bound also suits the interpreter
         stride_am,
@@ -111,13 +112,15 @@ if HAS_TRITON:
         stride_om,
         GATE_UP: tl.constexpr,
         FP32: tl.constexpr,
+        CLAMP: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
         EVEN_K: tl.constexpr,
     ):
-        """out[pair, n] = act(a[pair // a_div] @ w[e].T): gate_up (SiLU*mul) or down (x scale)."""
+        """out[pair, n] = act(a[pair // a_div] @ w[e].T): gate_up (SiLU*mul, gate and up
+        clamped at `limit` when CLAMP) or down (x scale)."""
         pid = tl.program_id(0)
         num_pid_m = num_slots // BLOCK_M
         num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -177,6 +180,9 @@ if HAS_TRITON:
             w_ptrs += BLOCK_K * stride_wk
 
         if GATE_UP:
+            if CLAMP:
+                acc = tl.minimum(acc, limit)
+                acc_up = tl.minimum(tl.maximum(acc_up, -limit), limit)
             acc = acc * tl.sigmoid(acc) * acc_up
         else:
             acc = acc * tl.load(scale_ptr + pair, mask=row_ok, other=0.0)[:, None]

@@ -35,7 +35,8 @@ class GatedMLP(nn.Module):
     Not `replicated`: intermediate dim sharded over `tp`; the output is a partial sum that
     the caller (the layer communicator) reduces. `replicated` (``--moe-dense-tp-size 1``,
     or shared experts next to all-to-all experts): whole weights on every rank, complete
-    output for whatever rows this rank holds.
+    output for whatever rows this rank holds. `swiglu_limit` clamps gate and up before the
+    activation (DeepSeek-V4's shared expert; elementwise, so sharding does not change it).
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class GatedMLP(nn.Module):
         tp: RankGroup,
         replicated: bool = False,
         bias: bool = False,
+        swiglu_limit: float | None = None,
     ) -> None:
         super().__init__()
         sizes = [intermediate_size, intermediate_size]
@@ -57,7 +59,7 @@ class GatedMLP(nn.Module):
                 intermediate_size, hidden_size, tp, bias, reduce_results=False
             )
         self.partial = not replicated and self.down_proj.tp_size > 1
-        self.act_fn = SiluAndMul()
+        self.act_fn = SiluAndMul(swiglu_limit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))

@@ -50,7 +50,8 @@ FIXED_CAPACITY_MAX_SLOTS = 4096
 
 class FusedMoE(nn.Module):
     """The routed experts of one layer: `w13` [E_local, 2 * I_local, H] (gate rows over up
-    rows) and `w2` [E_local, H, I_local], as `fused_experts` takes them."""
+    rows) and `w2` [E_local, H, I_local], as `fused_experts` takes them; `swiglu_limit`
+    clamps every expert's gate and up (see `fused_experts`)."""
 
     max_fixed_slots = FIXED_CAPACITY_MAX_SLOTS  # per layer, so that a test can lower it
 
@@ -61,11 +62,13 @@ class FusedMoE(nn.Module):
         intermediate_size: int,
         backend: str,
         tp: RankGroup,
+        swiglu_limit: float | None = None,
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"'backend' must be one of {BACKENDS} (got {backend!r})")
         self.backend = backend
+        self.swiglu_limit = swiglu_limit
         self.tp = tp
         self.tp_rank, self.tp_size = tp.rank, tp.size
         self.num_experts = num_experts
@@ -117,7 +120,10 @@ class FusedMoE(nn.Module):
             if hidden.shape[0] > max_rows:
                 raise ValueError(f"{hidden.shape[0]} rows, more than max_rows={max_rows}")
             return self._fixed_capacity(hidden, topk_weights, topk_ids, capacity)
-        return fused_experts(hidden, self.w13, self.w2, topk_weights, topk_ids)
+        return self._experts(hidden, topk_weights, topk_ids)
+
+    def _experts(self, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
+        return fused_experts(hidden, self.w13, self.w2, weights, ids, self.swiglu_limit)
 
     def fixed_capacity(self, max_rows: int | None, top_k: int) -> int | None:
         """Slots C each rank sends to each rank on the fixed-capacity path, or None for the
@@ -169,7 +175,7 @@ class FusedMoE(nn.Module):
         x = recv[:, :h].contiguous()
         recv_ids = recv[:, h:].contiguous().view(id_dtype).reshape(tp * c, 1).long()
         ones = torch.ones(tp * c, 1, dtype=torch.float32, device=dev)
-        y = fused_experts(x, self.w13, self.w2, ones, recv_ids)
+        y = self._experts(x, ones, recv_ids)
         back = all_to_all(y, splits, splits, self.tp)
         picked = back.index_select(0, slot.clamp(max=tp * c - 1)).float()
         weights = topk_weights.reshape(-1, 1).float()
@@ -196,7 +202,7 @@ class FusedMoE(nn.Module):
             ids[pairs] - owner * self.local_experts, recv_splits, send_splits, self.tp
         )
         ones = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
-        y = fused_experts(x, self.w13, self.w2, ones, local_ids.unsqueeze(1))
+        y = self._experts(x, ones, local_ids.unsqueeze(1))
         back = all_to_all(y, send_splits, recv_splits, self.tp)
         weights = topk_weights.reshape(-1)[pairs].unsqueeze(1)
         out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
@@ -218,9 +224,10 @@ class MoE(nn.Module):
     `route` is the model's routing (see `models.layers.router`), called on the gate's
     logits (float32 when `logits_fp32`, as DeepSeek-V3 computes them; else in the
     activations' dtype, as Qwen3-MoE does). The expert backend and the group the experts
-    are split over come from `ctx`. `shared_experts` must produce the same kind of output
-    as the experts: TP-sharded partial sums for backend none, complete rows (replicated,
-    e.g. ``GatedMLP(..., replicated=True)``) for all2all.
+    are split over come from `ctx`; `swiglu_limit` clamps the routed experts (the shared
+    ones clamp themselves: ``GatedMLP(..., swiglu_limit=...)``). `shared_experts` must
+    produce the same kind of output as the experts: TP-sharded partial sums for backend
+    none, complete rows (replicated, e.g. ``GatedMLP(..., replicated=True)``) for all2all.
     """
 
     def __init__(
@@ -232,13 +239,19 @@ class MoE(nn.Module):
         ctx: ModelContext,
         shared_experts: nn.Module | None = None,
         logits_fp32: bool = False,
+        swiglu_limit: float | None = None,
     ) -> None:
         super().__init__()
         self.gate = ReplicatedLinear(hidden_size, num_experts)
         self.route = route
         self.logits_fp32 = logits_fp32
         self.experts = FusedMoE(
-            num_experts, hidden_size, intermediate_size, ctx.moe.a2a_backend, ctx.parallel.tp
+            num_experts,
+            hidden_size,
+            intermediate_size,
+            ctx.moe.a2a_backend,
+            ctx.parallel.tp,
+            swiglu_limit,
         )
         self.partial = self.experts.partial
         self.shared_experts = shared_experts

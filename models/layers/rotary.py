@@ -141,6 +141,9 @@ def apply_rotary(
     return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
 
 
+_FUSED_TABLES: dict[tuple, torch.Tensor] = {}
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(
         self,
@@ -160,6 +163,24 @@ class RotaryEmbedding(nn.Module):
             self.rope_parameters, head_dim, max_position_embeddings
         )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._fused: torch.Tensor | None = None
+
+    def fused_table(self, q: torch.Tensor) -> torch.Tensor | None:
+        """The cos/sin table of the fused rope-and-store kernel for `q`'s device, or None
+        where the kernel does not apply (CPU, no Triton, position-dependent frequencies,
+        interleaved pairs): then the torch path runs."""
+        from models.layers.rope_store import HAS_TRITON, cos_sin_table
+
+        if not (q.is_cuda and HAS_TRITON) or self.interleaved or self.rope_type == "dynamic":
+            return None
+        key = (self.rope_type, tuple(self.inv_freq.tolist()), self.attention_factor, q.device)
+        table = _FUSED_TABLES.get(key)
+        if table is None:  # one per rope configuration: every layer of a model shares it
+            table = cos_sin_table(
+                self.inv_freq, self.attention_factor, self.max_position_embeddings
+            )
+            _FUSED_TABLES[key] = table
+        return table
 
     def _step_inv_freq(self, positions: torch.Tensor) -> torch.Tensor:
         if self.rope_type == "dynamic" and positions.numel():

@@ -1,6 +1,6 @@
 """MoE routing: which experts each token goes to and with what weight, per model family.
 
-Both functions take the gate's logits [rows, num_experts] and return
+Each function takes the gate's logits [rows, num_experts] and returns
 ``(topk_weights float32 [rows, k], topk_ids int64 [rows, k])``. Rows at or beyond
 `num_valid` are padding: their ids are -1 (route nowhere, see `fused_experts`) and their
 weights 0, so no expert computes them and the all-to-all backend never sends them.
@@ -9,6 +9,7 @@ weights 0, so no expert computes them and the all-to-all backend never sends the
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def mask_padding(
@@ -69,3 +70,44 @@ def grouped_topk(
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     weights = weights * routed_scaling_factor
     return mask_padding(weights, ids.long(), num_valid)
+
+
+def sqrtsoftplus_topk(
+    logits: torch.Tensor,
+    top_k: int,
+    correction_bias: torch.Tensor | None,
+    routed_scaling_factor: float,
+    num_valid: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V4 (transformers `DeepseekV4TopKRouter`): scores sqrt(softplus(logits)) in
+    the logits' dtype; the top-k of scores + `correction_bias` choose (no expert groups);
+    the weights are the chosen unbiased scores, always renormalised, times
+    `routed_scaling_factor`."""
+    scores = F.softplus(logits).sqrt()
+    choice = scores if correction_bias is None else scores + correction_bias
+    ids = torch.topk(choice, top_k, dim=-1, sorted=False).indices
+    return _v4_weights(scores, ids, routed_scaling_factor, num_valid)
+
+
+def hash_route(
+    logits: torch.Tensor,
+    tid2eid: torch.Tensor,
+    input_ids: torch.Tensor,
+    routed_scaling_factor: float,
+    num_valid: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V4's hash layers (transformers `DeepseekV4HashRouter`): each row's experts
+    are its token's row of the frozen table `tid2eid` [vocab, k]; `input_ids` [rows] are
+    the token ids of exactly these rows. Weights as `sqrtsoftplus_topk`'s."""
+    if input_ids.shape[0] != logits.shape[0]:
+        raise ValueError(f"{input_ids.shape[0]} token ids for {logits.shape[0]} rows")
+    ids = tid2eid[input_ids].long()
+    return _v4_weights(F.softplus(logits).sqrt(), ids, routed_scaling_factor, num_valid)
+
+
+def _v4_weights(
+    scores: torch.Tensor, ids: torch.Tensor, scale: float, num_valid: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    weights = scores.gather(1, ids)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * scale
+    return mask_padding(weights.float(), ids.long(), num_valid)

@@ -66,7 +66,10 @@ def test_input_file_output_file_and_report(hello_tp2, tmp_path):
         "mlp_sync_calls",
         "attn_tp_padding_tokens",
         "capture_sizes",
+        "decode_steps",
+        "decode_device_ms",
     }
+    assert c["decode_device_ms"] is None  # measured on CUDA only
     assert c["steps"] == 5 and c["mlp_sync_calls"] == 5 and c["gathered_buffer_bytes"] > 0
     assert all(size % 2 == 0 for size in c["capture_sizes"])
     assert doc["timings"]["ttft_ms"] > 0 and doc["timings"]["tpot_ms"] > 0
@@ -115,6 +118,15 @@ def test_bad_inputs_exit_2_before_any_rank(no_ranks, capsys, tmp_path):
     assert "no config.json" in refused(capsys, "--model-path", str(tmp_path), "--prompt", "a")
     nowhere = str(tmp_path / "no" / "out.jsonl")
     assert "its directory does not exist" in refused(capsys, "--prompt", "a", "--output", nowhere)
+    heads = refused(capsys, "--tp-size", "3", "--prompt", "a")
+    assert "--tp-size 3: LlamaForCausalLM's num_attention_heads (8) must be divisible" in heads
+    v4 = ("--model", "DeepseekV4ForCausalLM", "--moe-a2a-backend", "all2all", "--prompt", "a")
+    assert "o_groups (4) must be divisible by the attention-TP size (8)" in refused(
+        capsys, *v4, "--tp-size", "8"
+    )
+    dp = ("--tp-size", "16", "--dp-size", "16", "--enable-dp-attention")
+    experts = refused(capsys, *v4, *dp)  # heads fit attention-TP 1; 8 experts on 16 ranks
+    assert "the number of routed experts (8) must be divisible by the TP size (16)" in experts
     on_cpu = refused(capsys, "--attention-backend", "flashinfer", "--prompt", "a")
     assert "--attention-backend flashinfer: FlashInfer runs on CUDA devices only" in on_cpu
 

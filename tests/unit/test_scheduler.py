@@ -151,9 +151,9 @@ def test_idle_after_predicts_the_end_of_work():
     sched = make_scheduler()
     sched.add(request(0, 2, 2))
     batch = sched.schedule()
-    assert not sched.idle_after(batch)  # one more token to go
+    assert not sched.idle_after()  # one more token to go
     sched.update(batch, [1], [0.0])
     batch = sched.schedule()
-    assert sched.idle_after(batch)
+    assert sched.idle_after()
     sched.add(request(1, 2, 2))
-    assert not sched.idle_after(batch)
+    assert not sched.idle_after()

@@ -1,0 +1,1 @@
+"""`pytest bench --benchmark-only`: the host-side micro-benchmarks (pytest-benchmark)."""
