@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "registry": ("engine.cli:_registry", "inspect model declarations and the parallel plan"),
     "generate": ("engine.entrypoints.generate:main", "run prompts through a model, JSONL out"),
     "serve": ("engine.entrypoints.serve:main", "serve a model over an OpenAI-compatible HTTP API"),
+    "verify": ("engine.entrypoints.verify:main", "check a model's declaration against tp 1"),
 }
 
 
