@@ -18,7 +18,8 @@
 # Writes under $OUT: fused_moe.json, roofline*.json, host_time.json, tpot.json, tests.txt,
 # results.md (the tables, with the card and the commands) and logs/ (each stage's output,
 # as it runs). STAGES picks stages (default: all of "device moe tests roofline host
-# tpot"); MODELS, TPS, BATCH_SIZES, NEW_TOKENS, REPEATS and LAUNCHES narrow figure (a); a
+# tpot"); TESTS narrows the GPU tests (pytest node ids); MODELS, TPS, BATCH_SIZES,
+# NEW_TOKENS, REPEATS and LAUNCHES narrow figure (a); a
 # model whose module is missing is skipped. On a machine lent for at most 10 minutes a
 # command, split it, e.g. STAGES="device tpot" MODELS="..." TPS="2 4".
 set -uo pipefail
@@ -33,6 +34,7 @@ STAGES=${STAGES:-device moe tests roofline host tpot}
 HOST_DIRS=${HOST_DIRS:-bench/models/llama-3.1-8b bench/models/qwen3-30b-a3b bench/models/moonlight-16b-a3b}
 TPOT_DIRS=${TPOT_DIRS:-}
 ROOFLINE_DIRS=${ROOFLINE_DIRS:-bench/models/llama-3.1-8b}
+TESTS=${TESTS:-tests/gpu}
 mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # NVLink multicast can take a shared host's GPUs down: keep it off in every process.
@@ -68,7 +70,8 @@ if want moe; then
     --out "$OUT/fused_moe.json" >"$logs/fused_moe.log" 2>&1; echo $? >"$logs/fused_moe.rc") &
 fi
 
-stage tests 420 python3 -m pytest -q -rA -m gpu tests/gpu
+# shellcheck disable=SC2086  # a word list on purpose
+stage tests 720 python3 -m pytest -q -rA -m gpu --durations=15 $TESTS
 [ ! -f "$logs/tests.log" ] || cp "$logs/tests.log" "$OUT/tests.txt"
 
 stage roofline 300 env CUDA_VISIBLE_DEVICES=0 python3 bench/bench_roofline.py \

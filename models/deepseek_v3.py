@@ -87,7 +87,7 @@ class DeepseekV3MoE(MoE):
         self.gate.e_score_correction_bias = nn.Parameter(bias, requires_grad=False)
 
     def route_tokens(
-        self, logits: torch.Tensor, num_valid: int | None
+        self, logits: torch.Tensor, num_valid: int | torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return grouped_topk(
             logits,
@@ -124,29 +124,29 @@ class DeepseekV3DecoderLayer(nn.Module):
         """The residual stream [rows, hidden], all of the group's rows, in and out."""
         x = x + self.self_attn(positions, self.input_layernorm(x), batch)
         if self.token_parallel:
-            return self.mlp_on_token_shard(x, batch.num_token_non_padded, batch.max_rows_per_rank)
+            return self.mlp_on_token_shard(x, batch)
         if self.parallel.attn_dp_size > 1:
             return self.mlp_over_dp_groups(x, batch.global_num_tokens)
-        h = self.run_mlp(self.post_attention_layernorm(x), batch.num_token_non_padded)
+        h = self.run_mlp(self.post_attention_layernorm(x), batch.valid_rows())
         return x + all_reduce(h, self.parallel.tp)
 
     def run_mlp(
-        self, h: torch.Tensor, num_valid: int | None, max_rows: int | None = None
+        self, h: torch.Tensor, num_valid: int | torch.Tensor | None, max_rows: int | None = None
     ) -> torch.Tensor:
         return self.mlp(h, num_valid, max_rows) if self.is_moe else self.mlp(h)
 
-    def mlp_on_token_shard(
-        self, x: torch.Tensor, num_tokens: int, max_rows: int | None = None
-    ) -> torch.Tensor:
+    def mlp_on_token_shard(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """This rank's share of the group's `num_tokens` real rows through the whole MLP,
         then all-gathered over attention-TP. A shard-local count here would drop the other
         ranks' rows (SGLang issue #38606), so the plan keeps the group's. `max_rows`
-        bounds every "tp" rank's share (the all-to-all MoE's exchange)."""
-        p = self.parallel
+        bounds every "tp" rank's share (the all-to-all MoE's exchange); inside a replayed
+        graph the shard's padding rows are masked out of the routing."""
+        p, num_tokens = self.parallel, batch.num_token_non_padded
         sizes = shard_sizes(num_tokens, p.attn_tp_size)
-        start = sum(sizes[: p.attn_tp_rank])
-        shard = x[start : start + sizes[p.attn_tp_rank]]
-        shard = shard + self.run_mlp(self.post_attention_layernorm(shard), None, max_rows)
+        start, size = sum(sizes[: p.attn_tp_rank]), sizes[p.attn_tp_rank]
+        shard = x[start : start + size]
+        valid, max_rows = batch.real_in(start, size), batch.max_rows_per_rank
+        shard = shard + self.run_mlp(self.post_attention_layernorm(shard), valid, max_rows)
         out = all_gather_uneven(shard, sizes, p.attn_tp)
         padding = x.shape[0] - num_tokens
         return torch.cat([out, out.new_zeros(padding, out.shape[1])]) if padding else out

@@ -81,7 +81,7 @@ class DeepseekV4MoE(MoE):
         self,
         hidden: torch.Tensor,
         input_ids: torch.Tensor,
-        num_valid: int | None = None,
+        num_valid: int | torch.Tensor | None = None,
         max_rows: int | None = None,
     ) -> torch.Tensor:
         """`input_ids`: the token ids of `hidden`'s rows (read by hash layers only)."""
@@ -134,8 +134,9 @@ class DeepseekV4DecoderLayer(nn.Module):
         sizes = shard_sizes(num_tokens, p.attn_tp_size)
         start = sum(sizes[: p.attn_tp_rank])
         rows = slice(start, start + sizes[p.attn_tp_rank])
+        valid = batch.real_in(start, sizes[p.attn_tp_rank])
         shard = self.ffn(
-            self.ffn_norm(h[rows]), batch.input_ids[rows], None, batch.max_rows_per_rank
+            self.ffn_norm(h[rows]), batch.input_ids[rows], valid, batch.max_rows_per_rank
         )
         out = all_gather_uneven(shard, sizes, p.attn_tp)
         padding = h.shape[0] - num_tokens

@@ -111,7 +111,9 @@ class LlamaDecoderLayer(nn.Module):
     def make_mlp(self, config: types.SimpleNamespace, ctx: ModelContext) -> nn.Module:
         return llama_mlp(config, ctx)
 
-    def run_mlp(self, hidden: torch.Tensor, num_valid: int | None, batch: ForwardBatch):
+    def run_mlp(
+        self, hidden: torch.Tensor, num_valid: int | torch.Tensor | None, batch: ForwardBatch
+    ):
         return self.mlp(hidden)
 
     def forward(

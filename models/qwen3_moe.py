@@ -92,7 +92,9 @@ class Qwen3MoeDecoderLayer(LlamaDecoderLayer):
     def make_mlp(self, config: types.SimpleNamespace, ctx: ModelContext) -> nn.Module:
         return Qwen3MoeSparseMoeBlock(config, ctx) if self.is_moe else llama_mlp(config, ctx)
 
-    def run_mlp(self, hidden: torch.Tensor, num_valid: int | None, batch: ForwardBatch):
+    def run_mlp(
+        self, hidden: torch.Tensor, num_valid: int | torch.Tensor | None, batch: ForwardBatch
+    ):
         if self.is_moe:
             return self.mlp(hidden, num_valid, batch.max_rows_per_rank)
         return self.mlp(hidden)

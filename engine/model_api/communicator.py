@@ -177,12 +177,12 @@ class LayerCommunicator:
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         if scattered:
             # shard-local when the plan says so (plan.shard_local_token_count)
-            return hidden, residual, batch.num_token_non_padded
+            return hidden, residual, batch.valid_rows()
         if batch.mlp_tp_gather:
             return dp_gather(hidden, batch, p), residual, None
         if batch.attn_tp_gather:
             hidden = gather_attn_tp(hidden, batch, p.attn_tp)
-        return hidden, residual, batch.num_tokens
+        return hidden, residual, batch.valid_rows(shard_local=False)
 
     def postprocess_mlp(
         self, out: torch.Tensor, residual: torch.Tensor, batch: ForwardBatch

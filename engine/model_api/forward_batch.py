@@ -51,6 +51,9 @@ class ForwardBatch:
     attn_tp_gather: bool = False
     mlp_tp_gather: bool = False
     seq_lens_tensor: torch.Tensor | None = None  # [bs] int64 `seq_lens` on the device
+    # (num_token_non_padded, num_tokens) on the device: the counts of this step also inside
+    # a replayed CUDA graph, whose Python ints are those of the capture
+    real_rows: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -63,3 +66,19 @@ class ForwardBatch:
     @property
     def is_decode(self) -> bool:
         return self.mode is ForwardMode.DECODE
+
+    def valid_rows(self, shard_local: bool = True) -> int | torch.Tensor:
+        """Leading real rows of the model input, for masking padding out of the MoE
+        routing: `num_token_non_padded` (`shard_local`) or `num_tokens`, as a device
+        scalar where the step has one (so a replayed graph masks its own padding)."""
+        if self.real_rows is not None:
+            return self.real_rows[0 if shard_local else 1]
+        return self.num_token_non_padded if shard_local else self.num_tokens
+
+    def real_in(self, start: int, size: int) -> int | torch.Tensor:
+        """Real rows among rows [start, start + size) of the group's rows, the real ones
+        first (`num_token_non_padded` of them): a model's own token shard."""
+        real = self.valid_rows()
+        if isinstance(real, torch.Tensor):
+            return (real - start).clamp(0, size)
+        return min(max(real - start, 0), size)

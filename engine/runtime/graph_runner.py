@@ -115,6 +115,7 @@ class CapturedStep:
         static.input_ids.copy_(batch.input_ids)
         static.positions.copy_(batch.positions)
         static.out_cache_loc.copy_(batch.out_cache_loc)
+        static.real_rows.copy_(batch.real_rows)
         batch.attn_backend.plan_replay(batch)
         self.graph.replay()
         return self.logits[: batch.batch_size]

@@ -106,12 +106,14 @@ class ModelRunner:
         sample_rows = [end - 1 for end in itertools.accumulate(extend_lens)]
         host = torch.tensor(
             [*ids, *positions, *[0] * pad, *slots, *[SINK_SLOT] * pad, *rows, *sample_rows,
-             *seq_lens],
+             *seq_lens, layout.num_token_non_padded, layout.num_tokens],
             dtype=torch.int64,
         )  # fmt: skip
         flat = host.to(self.device, non_blocking=True)
         n, bs = layout.rows, len(seqs)
-        ids_t, pos_t, slots_t, rows_t, sample_t, lens_t = flat.split([n, n, n, bs, bs, bs])
+        ids_t, pos_t, slots_t, rows_t, sample_t, lens_t, real_t = flat.split(
+            [n, n, n, bs, bs, bs, 2]
+        )
         return ForwardBatch(
             mode=layout.mode,
             input_ids=self.board.read(ids_t) if decode else ids_t,
@@ -132,6 +134,7 @@ class ModelRunner:
             attn_tp_gather=self.plan.attn_tp_gather.value,
             mlp_tp_gather=self.plan.mlp_tp_gather.value,
             seq_lens_tensor=lens_t,
+            real_rows=real_t,
         )
 
     def graph_batch(self, rows: int) -> ForwardBatch:
@@ -149,6 +152,7 @@ class ModelRunner:
             sample_rows=torch.arange(rows, device=self.device),
             num_token_non_padded=layout.num_token_non_padded,
             seq_lens_tensor=torch.ones(rows, dtype=torch.int64, device=self.device),
+            real_rows=torch.tensor([layout.num_token_non_padded, rows], device=self.device),
         )
 
     @torch.inference_mode()

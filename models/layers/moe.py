@@ -267,7 +267,10 @@ class MoE(nn.Module):
         return self.gate(hidden)
 
     def forward(
-        self, hidden: torch.Tensor, num_valid: int | None = None, max_rows: int | None = None
+        self,
+        hidden: torch.Tensor,
+        num_valid: int | torch.Tensor | None = None,
+        max_rows: int | None = None,
     ) -> torch.Tensor:
         """Rows >= `num_valid` are padding and route nowhere; output partial iff `partial`.
         `max_rows`: see `FusedMoE.forward` (`batch.max_rows_per_rank` in a model)."""

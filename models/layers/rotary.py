@@ -173,6 +173,10 @@ class RotaryEmbedding(nn.Module):
 
         if not (q.is_cuda and HAS_TRITON) or self.interleaved or self.rope_type == "dynamic":
             return None
+        if self._fused is not None and self._fused.device == q.device:
+            # kept: the key below reads inv_freq on the host, a sync that a CUDA-graph
+            # capture (and its host-sync probe) must not see
+            return self._fused
         key = (self.rope_type, tuple(self.inv_freq.tolist()), self.attention_factor, q.device)
         table = _FUSED_TABLES.get(key)
         if table is None:  # one per rope configuration: every layer of a model shares it
@@ -180,6 +184,7 @@ class RotaryEmbedding(nn.Module):
                 self.inv_freq, self.attention_factor, self.max_position_embeddings
             )
             _FUSED_TABLES[key] = table
+        self._fused = table
         return table
 
     def _step_inv_freq(self, positions: torch.Tensor) -> torch.Tensor:

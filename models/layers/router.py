@@ -13,9 +13,13 @@ import torch.nn.functional as F
 
 
 def mask_padding(
-    weights: torch.Tensor, ids: torch.Tensor, num_valid: int | None
+    weights: torch.Tensor, ids: torch.Tensor, num_valid: int | torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows >= `num_valid` route nowhere (None: every row is real)."""
+    """Rows >= `num_valid` route nowhere (None: every row is real). A device scalar masks
+    without a host sync, so a CUDA graph masks each replay's own padding."""
+    if isinstance(num_valid, torch.Tensor):
+        real = (torch.arange(ids.shape[0], device=ids.device) < num_valid).unsqueeze(1)
+        return torch.where(real, weights, 0.0), torch.where(real, ids, -1)
     if num_valid is not None and num_valid < ids.shape[0]:
         ids[num_valid:] = -1
         weights[num_valid:] = 0.0
@@ -23,7 +27,7 @@ def mask_padding(
 
 
 def softmax_topk(
-    logits: torch.Tensor, top_k: int, renormalize: bool, num_valid: int | None = None
+    logits: torch.Tensor, top_k: int, renormalize: bool, num_valid: int | torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen3-MoE (transformers `Qwen3MoeTopKRouter`): softmax in float32 over all experts,
     top-k, then the k weights rescaled to sum to 1 when `renormalize` (`norm_topk_prob`)."""
@@ -42,7 +46,7 @@ def grouped_topk(
     correction_bias: torch.Tensor | None,
     routed_scaling_factor: float,
     renormalize: bool,
-    num_valid: int | None = None,
+    num_valid: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3 (transformers `DeepseekV3TopkRouter`), with `logits` from float32 inputs.
 
@@ -77,7 +81,7 @@ def sqrtsoftplus_topk(
     top_k: int,
     correction_bias: torch.Tensor | None,
     routed_scaling_factor: float,
-    num_valid: int | None = None,
+    num_valid: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V4 (transformers `DeepseekV4TopKRouter`): scores sqrt(softplus(logits)) in
     the logits' dtype; the top-k of scores + `correction_bias` choose (no expert groups);
@@ -94,7 +98,7 @@ def hash_route(
     tid2eid: torch.Tensor,
     input_ids: torch.Tensor,
     routed_scaling_factor: float,
-    num_valid: int | None = None,
+    num_valid: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V4's hash layers (transformers `DeepseekV4HashRouter`): each row's experts
     are its token's row of the frozen table `tid2eid` [vocab, k]; `input_ids` [rows] are

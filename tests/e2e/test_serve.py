@@ -252,29 +252,79 @@ def test_seeded_sampling_is_reproducible(server):
     assert sample(7) != sample(8)
 
 
+def test_same_seed_draws_what_generate_draws(server):
+    """A request's seed alone fixes its draws: `parcap generate` samples its two prompts
+    with seeds 0 and 1 (the engine's --seed, 0 as the server's, which also seeds the
+    weights, + the request's index); completions with those seeds and the same sampling
+    fields return the same text and logprobs."""
+    prompts, sampling = ["Sampling", "Seeds"], {"temperature": 0.8, "top_k": 50, "top_p": 0.9}
+    argv = [*PARCAP, "generate", "--model", MODEL, "--tp-size", "2", "--seed", "0"]
+    argv += ["--max-new-tokens", "12", "--ignore-eos", "--temperature", "0.8"]
+    argv += ["--top-k", "50", "--top-p", "0.9", "--prompt", prompts[0], "--prompt", prompts[1]]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert out.returncode == 0, out.stderr
+    generated = [json.loads(line) for line in out.stdout.splitlines()]
+    for seed, prompt, want in zip((0, 1), prompts, generated, strict=True):
+        r = server.client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=12, seed=seed, logprobs=0,
+            extra_body={"ignore_eos": True, "top_k": sampling["top_k"]},
+            temperature=sampling["temperature"], top_p=sampling["top_p"],
+        )  # fmt: skip
+        assert r.choices[0].text == want["text"]
+        assert r.choices[0].logprobs.token_logprobs == pytest.approx(
+            want["output_logprobs"], abs=1e-4
+        )
+    assert generated[0]["output_ids"] != generated[1]["output_ids"]
+
+
+CONCURRENT, NEW_TOKENS = 32, 24
+
+
 def test_32_concurrent_requests_are_batched(server):
+    """32 streamed requests sent at once are decoded together: at some moment at least 8 of
+    them are between their first and their last token (a scheduler that runs k requests at a
+    time shows at most k, plus one for a stream whose end the client has not read yet), and
+    the server ran fewer steps for them than the 16 x NEW_TOKENS that running them two at a
+    time takes (a prefill and NEW_TOKENS - 1 decodes per pair, 32 x NEW_TOKENS one at a
+    time). Neither bound reads a clock."""
+    lock = threading.Lock()
+    streaming: set[int] = set()
+    most = [0]
+    start = threading.Barrier(CONCURRENT)
+
     def steps() -> int:
         return server.get("/v1/report").json()["counters"].get("steps", 0)
 
-    def one(i: int):
-        return server.client.completions.create(
-            model=MODEL,
-            prompt=f"request {i}",
-            max_tokens=8,
-            temperature=0,
-            extra_body={"ignore_eos": True},
-        )
+    def one(i: int) -> tuple[str | None, int]:
+        start.wait()
+        stream = server.client.completions.create(
+            model=MODEL, prompt=f"request {i}", max_tokens=NEW_TOKENS, temperature=0,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        finish, usage = None, 0
+        for chunk in stream:
+            if chunk.choices:
+                with lock:
+                    streaming.add(i)
+                    most[0] = max(most[0], len(streaming))
+                finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage:
+                usage = chunk.usage.completion_tokens
+            if finish:
+                with lock:
+                    streaming.discard(i)
+        return finish, usage
 
     before = steps()
-    with ThreadPoolExecutor(32) as pool:
-        results = list(pool.map(one, range(32)))
-    assert all(r.usage.completion_tokens == 8 for r in results)
-    assert all(r.choices[0].finish_reason == "length" for r in results)
-    # counters arrive when rank 0 goes idle; one request at a time would take 32 * 8 steps
+    with ThreadPoolExecutor(CONCURRENT) as pool:
+        results = list(pool.map(one, range(CONCURRENT)))
+    assert results == [("length", NEW_TOKENS)] * CONCURRENT
+    assert most[0] >= 8, f"at most {most[0]} requests were streaming at once"
+    # counters arrive when rank 0 runs out of work, right after the last step's tokens
     deadline = time.monotonic() + 10
     while (after := steps()) == before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert 8 <= after - before <= 32 * 8 // 2
+    assert NEW_TOKENS <= after - before < CONCURRENT // 2 * NEW_TOKENS
 
 
 BAD_BODIES = [

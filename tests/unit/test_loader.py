@@ -21,7 +21,12 @@ from engine.runtime.loader import (
 )
 from models.layers.linear import ColumnParallelLinear, RowParallelLinear
 from models.llama import LlamaForCausalLM
-from tests.support.checkpoints import LLAMA_H32, parcap_greedy, save_tiny_checkpoint
+from tests.support.checkpoints import (
+    LLAMA_H32,
+    load_reference,
+    parcap_greedy,
+    save_tiny_checkpoint,
+)
 from tests.support.models import build
 
 
@@ -109,19 +114,40 @@ def test_misshaped_tensor_is_named(checkpoints):
     assert "(16, 32)" in message
 
 
+def params_of(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
 def test_unused_buffers_and_tied_lm_head_are_skipped(tmp_path, checkpoints):
+    """A checkpoint's rotary `inv_freq` buffer, and under tied embeddings a stray (here
+    zero) `lm_head.weight`, change no weight: the model holds exactly the checkpoint's
+    tensors, its LM head is the embedding, and its logits are transformers'."""
+    plain = new_model(checkpoints[0])
+    load_checkpoint(plain, checkpoints[0])
     weights = in_memory(checkpoints[0])
     weights.append(("model.layers.0.self_attn.rotary_emb.inv_freq", TensorSource(torch.zeros(4))))
-    load_model(new_model(checkpoints[0]), weights)
+    with_buffer = new_model(checkpoints[0])
+    load_model(with_buffer, weights)
+    for name, value in params_of(plain).items():
+        torch.testing.assert_close(params_of(with_buffer)[name], value, rtol=0, atol=0)
 
     tied = save_tiny_checkpoint(tmp_path, {**LLAMA_H32, "tie_word_embeddings": True}, seed=4)
     names = tensors(tied)
     assert "lm_head.weight" not in names
-    model = new_model(tied)
-    load_checkpoint(model, tied)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embedding = names["model.embed_tokens.weight"]
+    assert embedding.abs().min() > 0  # a zeroed row would show
     extra = [*in_memory(tied), ("lm_head.weight", TensorSource(torch.zeros(300, 32)))]
-    load_model(new_model(tied), extra)
+    model = new_model(tied)
+    load_model(model, extra)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    torch.testing.assert_close(model.lm_head.weight, embedding, rtol=0, atol=0)
+
+    reference = load_reference(tied)
+    prompt = [5, 6, 7, 250, 299]
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([prompt])).logits[0, -1]
+    logits = parcap_greedy(model, [prompt], 1)[2][0][0]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_checkpoint_files_must_exist(tmp_path, checkpoints):

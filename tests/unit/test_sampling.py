@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 
 import pytest
+import tokenizers  # a dependency of transformers, so of the test extra
 import torch
 
 from engine.frontend.tokenizer import ByteTokenizer, HFTokenizer, eos_ids, load_tokenizer
@@ -68,7 +69,6 @@ def test_tokenizer_choice_and_eos(tmp_path):
     assert eos_ids(small) == {3, 4}
     assert isinstance(load_tokenizer(None, types.SimpleNamespace(vocab_size=384)), ByteTokenizer)
     assert eos_ids(types.SimpleNamespace(vocab_size=384)) == {257}
-    tokenizers = pytest.importorskip("tokenizers")
     model = tokenizers.models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]")
     impl = tokenizers.Tokenizer(model)
     impl.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
