@@ -36,7 +36,7 @@ from engine.model_api import (
     ParallelState,
     Weights,
 )
-from engine.model_api.parallel import all_gather_uneven, all_reduce, shard_sizes
+from engine.model_api.parallel import all_gather_uneven, all_reduce, dp_group_shard, token_shard
 from models.causal_lm import TINY_COMMON, CausalLM, causal_lm_shapes, mlp_constraints
 from models.layers.embedding import VocabParallelEmbedding
 from models.layers.mla import MLAAttention, mla_shapes
@@ -142,8 +142,8 @@ class DeepseekV3DecoderLayer(nn.Module):
         bounds every "tp" rank's share (the all-to-all MoE's exchange); inside a replayed
         graph the shard's padding rows are masked out of the routing."""
         p, num_tokens = self.parallel, batch.num_token_non_padded
-        sizes = shard_sizes(num_tokens, p.attn_tp_size)
-        start, size = sum(sizes[: p.attn_tp_rank]), sizes[p.attn_tp_rank]
+        start, sizes = token_shard(num_tokens, p)
+        size = sizes[p.attn_tp_rank]
         shard = x[start : start + size]
         valid, max_rows = batch.real_in(start, size), batch.max_rows_per_rank
         shard = shard + self.run_mlp(self.post_attention_layernorm(shard), valid, max_rows)
@@ -157,15 +157,8 @@ class DeepseekV3DecoderLayer(nn.Module):
         slice of its group's rows, so the "tp" gather holds each group's rows once, in
         group order; after the all-reduce this group's rows are sliced back."""
         p = self.parallel
-        if x.shape[0] != group_rows[p.attn_dp_rank]:
-            raise ValueError(
-                f"{x.shape[0]} rows, but global_num_tokens gives this attention-DP group "
-                f"{group_rows[p.attn_dp_rank]}"
-            )
-        sizes = [s for rows in group_rows for s in shard_sizes(rows, p.attn_tp_size)]
-        local = shard_sizes(x.shape[0], p.attn_tp_size)
-        start = sum(local[: p.attn_tp_rank])
-        h = self.post_attention_layernorm(x[start : start + local[p.attn_tp_rank]])
+        rows, sizes = dp_group_shard(x.shape[0], group_rows, p)
+        h = self.post_attention_layernorm(x[rows])
         h = all_reduce(self.run_mlp(all_gather_uneven(h, sizes, p.tp), None), p.tp)
         offset = sum(group_rows[: p.attn_dp_rank])
         return x + h[offset : offset + x.shape[0]]

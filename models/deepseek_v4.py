@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from engine.model_api import ForwardBatch, ModelContext, ParallelState, Weights
-from engine.model_api.parallel import all_gather_uneven, all_reduce, shard_sizes
+from engine.model_api.parallel import all_gather_uneven, all_reduce, dp_group_shard, token_shard
 from models import deepseek_v4_weights as ckpt
 from models.causal_lm import TINY_COMMON, CausalLM
 from models.deepseek_v4_config import normalize_config, parallel_constraints
@@ -131,8 +131,7 @@ class DeepseekV4DecoderLayer(nn.Module):
         shard-local one would drop the other ranks' rows, SGLang #38606) through the
         all-to-all MoE, then all-gathered over attention-TP."""
         p, num_tokens = self.parallel, batch.num_token_non_padded
-        sizes = shard_sizes(num_tokens, p.attn_tp_size)
-        start = sum(sizes[: p.attn_tp_rank])
+        start, sizes = token_shard(num_tokens, p)
         rows = slice(start, start + sizes[p.attn_tp_rank])
         valid = batch.real_in(start, sizes[p.attn_tp_rank])
         shard = self.ffn(
@@ -148,15 +147,7 @@ class DeepseekV4DecoderLayer(nn.Module):
         disjoint slice of its group's rows and of their token ids (never an all-reduced
         copy, SGLang #31699), and this group's rows are sliced back after the all-reduce."""
         p, group_rows = self.parallel, batch.global_num_tokens
-        if h.shape[0] != group_rows[p.attn_dp_rank]:
-            raise ValueError(
-                f"{h.shape[0]} rows, but global_num_tokens gives this attention-DP group "
-                f"{group_rows[p.attn_dp_rank]}"
-            )
-        sizes = [s for rows in group_rows for s in shard_sizes(rows, p.attn_tp_size)]
-        local = shard_sizes(h.shape[0], p.attn_tp_size)
-        start = sum(local[: p.attn_tp_rank])
-        rows = slice(start, start + local[p.attn_tp_rank])
+        rows, sizes = dp_group_shard(h.shape[0], group_rows, p)
         normed = all_gather_uneven(self.ffn_norm(h[rows]), sizes, p.tp)
         ids = all_gather_uneven(batch.input_ids[rows], sizes, p.tp)
         out = all_reduce(self.ffn(normed, ids, None), p.tp)

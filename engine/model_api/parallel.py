@@ -177,3 +177,24 @@ def split_bounds(rows: int, parts: int, index: int) -> tuple[int, int]:
 def shard_sizes(n: int, parts: int) -> list[int]:
     """Rows of each of `parts` ranks when `n` rows are split as evenly as possible."""
     return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+def token_shard(num_tokens: int, p: ParallelState) -> tuple[int, list[int]]:
+    """A model's own split of its group's `num_tokens` rows over attention-TP: where this
+    rank's rows start, and every attention-TP rank's count (this one's at `attn_tp_rank`)."""
+    sizes = shard_sizes(num_tokens, p.attn_tp_size)
+    return sum(sizes[: p.attn_tp_rank]), sizes
+
+
+def dp_group_shard(rows: int, group_rows: list[int], p: ParallelState) -> tuple[slice, list[int]]:
+    """This attention-TP rank's slice of its attention-DP group's `rows` rows, and the counts
+    of an all-gather over "tp" of every rank's slice: each group's rows once, in group order.
+    `group_rows` is every group's padded rows (`ForwardBatch.global_num_tokens`)."""
+    if rows != group_rows[p.attn_dp_rank]:
+        raise ValueError(
+            f"{rows} rows, but global_num_tokens gives this attention-DP group "
+            f"{group_rows[p.attn_dp_rank]}"
+        )
+    start, local = token_shard(rows, p)
+    sizes = [s for n in group_rows for s in shard_sizes(n, p.attn_tp_size)]
+    return slice(start, start + local[p.attn_tp_rank]), sizes

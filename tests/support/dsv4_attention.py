@@ -16,6 +16,7 @@ import torch
 from engine.model_api import ForwardMode, ModelContext, load_params
 from engine.model_api.weights import TensorSource
 from engine.runtime.kv_cache import KVPool, ReqToTokenPool
+from models.deepseek_v4 import DeepseekV4ForCausalLM
 from models.layers.dsv4_attention import DeepseekV4Attention
 from tests.support.batches import make_batch
 
@@ -26,52 +27,9 @@ SLIDING, CSA, HCA = (
 )
 # brief §5: every layer type, yarn compress rope, W=8, CSA m=4 with top-3, HCA m=8
 TINY = {
-    "model_type": "deepseek_v4",
-    "architectures": ["DeepseekV4ForCausalLM"],
-    "vocab_size": 384,
-    "bos_token_id": 256,
-    "eos_token_id": 257,
-    "pad_token_id": None,
-    "tie_word_embeddings": False,
-    "hidden_size": 64,
-    "num_hidden_layers": 4,
-    "layer_types": [SLIDING, CSA, HCA, CSA],
-    "mlp_layer_types": ["hash_moe", "hash_moe", "moe", "moe"],
-    "compress_rates": {CSA: 4, HCA: 8},
-    "sliding_window": 8,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 1,
-    "head_dim": 32,
-    "partial_rotary_factor": 0.25,
-    "q_lora_rank": 32,
-    "o_groups": 4,
-    "o_lora_rank": 16,
-    "index_n_heads": 4,
-    "index_head_dim": 16,
-    "index_topk": 3,
-    "n_routed_experts": 8,
-    "n_shared_experts": 1,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 32,
-    "scoring_func": "sqrtsoftplus",
-    "norm_topk_prob": True,
-    "routed_scaling_factor": 1.5,
-    "swiglu_limit": 1.0,
-    "hc_mult": 4,
-    "hc_sinkhorn_iters": 20,
-    "hc_eps": 1e-6,
-    "rms_norm_eps": 1e-6,
-    "max_position_embeddings": 128,
-    "rope_theta": 10000.0,
-    "compress_rope_theta": 160000.0,
-    "rope_parameters": {
-        "rope_type": "yarn",
-        "factor": 4.0,
-        "original_max_position_embeddings": 32,
-        "beta_fast": 32,
-        "beta_slow": 1,
-    },
-    "num_nextn_predict_layers": 0,
+    k: v
+    for k, v in DeepseekV4ForCausalLM.tiny_config().items()
+    if k not in ("torch_dtype", "dtype", "hidden_act")
 }
 # other sizes: default compress rope, W=4, CSA m=8 with top-2, HCA m=4, half the rope dim
 OTHER = {
