@@ -103,6 +103,16 @@ def test_cuda_graph_eager_above_the_largest_size_bitwise():
     assert_bitwise_equal(mixed, launch(1, prompts, params, "--disable-cuda-graph"))
 
 
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=needs_gpus(2))])
+def test_overlap_schedule_tokens_match_the_synchronous_loop_bitwise(tp):
+    """Requests of different lengths finishing at different steps, graphs and eager steps:
+    the overlapped loop (inputs from the device's token board, tokens read one step late)
+    runs the very same forwards as `--disable-overlap-schedule`."""
+    prompts, params = prompts_and_params([14, 12, 10, 8, 6, 3])
+    overlapped = launch(tp, prompts, params)
+    assert_bitwise_equal(overlapped, launch(tp, prompts, params, "--disable-overlap-schedule"))
+
+
 @needs_gpus(2)
 def test_nccl_tp2_tokens_match_tp1(capfd):
     prompts, params = prompts_and_params([12, 12, 9, 6])
