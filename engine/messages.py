@@ -84,6 +84,8 @@ class ModelSource:
     architecture: str
     config: dict[str, Any]  # config.json, or the class's tiny_config()
     path: str | None  # checkpoint directory; None means seeded random weights
+    # `--context-length`: served shorter than the config's, which the model is built from
+    served_context: int | None = None
 
     @property
     def namespace(self) -> types.SimpleNamespace:
@@ -91,6 +93,9 @@ class ModelSource:
 
     @property
     def context_len(self) -> int:
+        """The longest request (prompt plus new tokens) every limit allows."""
+        if self.served_context is not None:
+            return self.served_context
         return int(self.config.get("max_position_embeddings", 2048))
 
 

@@ -26,6 +26,16 @@ LOAD_FORMATS = ("auto", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def _optional_at_least(low: int):
+    check = at_least(low)
+
+    def optional(inst: object, attr: object, value: object) -> None:
+        if value is not None:
+            check(inst, attr, value)
+
+    return optional
+
+
 @frozen
 class ServerArgs(PlanArgs):
     """Everything a launch is configured with; the parallel part is `PlanArgs`."""
@@ -94,7 +104,30 @@ class ServerArgs(PlanArgs):
         None,
         validator=optional_str,
         metavar="HOST:PORT",
-        help="rendezvous address of rank 0 for torch.distributed (default: chosen by the launcher)",
+        help="rendezvous address of rank 0 for torch.distributed (default: chosen by the "
+        "launcher); across nodes, node 0's address, where every node meets (node 0 also "
+        "listens for the other nodes on PORT+1)",
+    )
+    nnodes: int = option(
+        1,
+        validator=at_least(1),
+        metavar="N",
+        help="number of hosts the launch spans; --tp-size counts the ranks of all of them "
+        "(tp_size / nnodes on each)",
+    )
+    node_rank: int = option(
+        0,
+        validator=at_least(0),
+        metavar="R",
+        help="this host's index among --nnodes; node 0 runs the front end (and the HTTP server) "
+        "and writes the results, the others only run their ranks",
+    )
+    context_length: int | None = option(
+        None,
+        validator=_optional_at_least(1),
+        metavar="N",
+        help="longest request served, prompt plus generated tokens (default: the model's "
+        "max_position_embeddings)",
     )
 
     def _check(self) -> None:

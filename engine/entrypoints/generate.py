@@ -48,6 +48,9 @@ def parser() -> Parser:
 def main(argv: list[str]) -> int:
     from engine.frontend.launcher import USER_ERRORS, RankError, is_torchrun, prepare
     from engine.frontend.llm_engine import LLMEngine, make_report
+    from engine.frontend.node_agent import run_node
+    from engine.frontend.nodes import NodeError
+    from engine.frontend.tokenizer import missing_tokenizer
     from engine.frontend.torchrun import run_torchrun
     from engine.messages import SamplingParams
 
@@ -69,17 +72,20 @@ def main(argv: list[str]) -> int:
         for f in attrs.fields(SamplingParams):
             message = message.replace(f"'{f.name}'", "--" + f.name.replace("_", "-"))
         p.error(message)
-    for flag, path in (("--output", ns.output), ("--report-json", ns.report_json)):
-        if path and not Path(path).resolve().parent.is_dir():
-            fail(f"{flag} {path}: its directory does not exist")
     if is_torchrun() and int(os.environ["WORLD_SIZE"]) != args.tp_size:
         fail(f"torchrun started {os.environ['WORLD_SIZE']} ranks but --tp-size is {args.tp_size}")
     try:
         setup = prepare(args)
     except USER_ERRORS as e:
         fail(e)
+    if args.node_rank > 0:  # prompts, results and reports are node 0's
+        return run_node(setup, "generate")
+    for flag, path in (("--output", ns.output), ("--report-json", ns.report_json)):
+        if path and not Path(path).resolve().parent.is_dir():
+            fail(f"{flag} {path}: its directory does not exist")
     config = setup.launch.source.config
-    prompts = read_prompts(ns, setup.tokenizer, int(config["vocab_size"]))
+    no_tokenizer = missing_tokenizer(args.model_path)
+    prompts = read_prompts(ns, setup.tokenizer, int(config["vocab_size"]), no_tokenizer)
     limits = setup.launch.limits
     for where, ids in prompts:
         reason = limits.check(len(ids), params.max_new_tokens)
@@ -96,7 +102,7 @@ def main(argv: list[str]) -> int:
             with LLMEngine(args, setup=setup, progress=True) as engine:
                 results = engine.generate(ids, params, progress=True)
             report = engine.report()
-    except RankError as e:
+    except (RankError, NodeError) as e:
         fail(e, code=1)
     write_results(results, setup.tokenizer, ns.output)
     if ns.report_json:
@@ -104,8 +110,11 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def read_prompts(ns: Any, tokenizer: Any, vocab_size: int) -> list[tuple[str, list[int]]]:
-    """(where, token ids) per prompt; `where` names the prompt in error messages."""
+def read_prompts(
+    ns: Any, tokenizer: Any, vocab_size: int, no_tokenizer: str = "there is no tokenizer"
+) -> list[tuple[str, list[int]]]:
+    """(where, token ids) per prompt; `where` names the prompt in error messages. Text is
+    encoded by `tokenizer` (its own BOS settings); input_ids are taken as given."""
     if ns.prompt and ns.input:
         fail("give prompts with --prompt or --input, not both")
     if ns.input:
@@ -118,7 +127,7 @@ def read_prompts(ns: Any, tokenizer: Any, vocab_size: int) -> list[tuple[str, li
     for where, entry in entries:
         if "prompt" in entry:
             if tokenizer is None:
-                fail(f"{where}: this checkpoint has no tokenizer; give input_ids instead")
+                fail(f"{where}: {no_tokenizer}")
             ids = tokenizer.encode(entry["prompt"])
         else:
             ids = entry["input_ids"]

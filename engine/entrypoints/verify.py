@@ -74,6 +74,10 @@ def main(argv: list[str]) -> int:
         args = attrs.evolve(args, model=ns.architecture)
     if args.tp_size < 2:
         p.error("verify compares a topology with tp 1; give --tp-size 2 or more")
+    if args.nnodes > 1:
+        p.error(
+            "verify runs every rank on this host; drop --nnodes (it checks the plan, not the hosts)"
+        )
     if is_torchrun():
         fail("verify spawns its own ranks; run it without torchrun")
     try:

@@ -19,6 +19,8 @@ import time
 from collections.abc import Sequence as Seq
 from typing import Any
 
+from tqdm import tqdm
+
 from engine.frontend.launcher import RankError, Ranks, Setup, prepare
 from engine.frontend.results import Result, Timings
 from engine.messages import (
@@ -31,7 +33,6 @@ from engine.messages import (
     Submit,
     TokenEvents,
 )
-from engine.progress import Progress
 from engine.server_args import ServerArgs
 
 _FAILED = object()  # queued after the last event once a rank has failed
@@ -40,6 +41,11 @@ _FAILED = object()  # queued after the last event once a rank has failed
 def make_report(setup: Setup, counters: Counters, timings: Timings) -> dict[str, Any]:
     """The `--report-json` document."""
     return {"plan": setup.explain, "counters": counters.to_json(), "timings": timings.to_json()}
+
+
+def _bar(progress: bool, **kwargs: Any) -> tqdm:
+    """A progress bar on stderr, drawn on a terminal only (logs and pipes get none)."""
+    return tqdm(disable=None if progress else True, **kwargs)
 
 
 class EngineError(RankError):
@@ -79,15 +85,10 @@ class LLMEngine:
             raise
 
     def _wait_loaded(self, progress: bool) -> None:
-        bar = Progress("loading", len(self._ranks.procs), "ranks") if progress else None
-        try:
+        with _bar(progress, total=self._ranks.size, desc="loading", unit="rank") as bar:
             while not self._loaded.wait(0.1):
-                if bar:
-                    bar.set(len(self._ready))
-        finally:
-            if bar:
-                bar.set(len(self._ready))
-                bar.close()
+                bar.update(len(self._ready) - bar.n)
+            bar.update(len(self._ready) - bar.n)
         if self.error:
             raise EngineError(self.error)
 
@@ -183,17 +184,12 @@ class LLMEngine:
         """Run prompts to completion; results in prompt order."""
         rids = self.submit_many(prompts, params, keep=True)
         pending = set(rids)
-        bar = Progress("generating", len(rids), "requests") if progress else None
-        try:
+        with _bar(progress, total=len(rids), desc="generating", unit="request") as bar:
             while pending:
                 event = self.poll()
                 if event.finished and event.rid in pending:
                     pending.discard(event.rid)
-                    if bar:
-                        bar.update()
-        finally:
-            if bar:
-                bar.close()
+                    bar.update()
         return [self.take(rid) for rid in rids]
 
     def report(self) -> dict[str, Any]:
@@ -218,7 +214,7 @@ class LLMEngine:
         if self._receiver.is_alive():
             self._fail("ranks did not exit after shutdown")
             self._receiver.join()
-        self._ranks.kill(grace=5.0)
+        self._ranks.kill(grace=5.0, reason=self.error)
 
     def _check_open(self) -> None:
         if self.error is not None:
@@ -232,7 +228,7 @@ class LLMEngine:
             for message in ranks.receive(timeout=0.1):
                 if isinstance(message, Ready):
                     self._ready.add(message.rank)
-                    if len(self._ready) == len(ranks.procs):
+                    if len(self._ready) == ranks.size:
                         self._loaded.set()
                 elif isinstance(message, TokenEvents):
                     with self._lock:
@@ -247,7 +243,7 @@ class LLMEngine:
             if failure is not None:
                 self._fail(failure)
                 return
-            if len(ranks.byes) == len(ranks.procs):
+            if len(ranks.byes) == ranks.size:
                 return
 
     def _record(self, event: Event, now: float) -> None:
@@ -261,6 +257,6 @@ class LLMEngine:
     def _fail(self, line: str) -> None:
         if self.error is None:
             self.error = line
-        self._ranks.kill()
+        self._ranks.kill(reason=self.error)
         self._events.put(_FAILED)
         self._loaded.set()

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from engine.messages import ModelSource
 from registry import get_model_class
 
@@ -34,6 +36,18 @@ def model_source(model: str | None, model_path: str | None) -> ModelSource:
         if eos is not None:
             config["eos_token_id"] = eos
     return ModelSource(archs[0], config, str(model_path))
+
+
+def with_context(source: ModelSource, context_length: int | None) -> ModelSource:
+    """`source`, served at `--context-length` when given; longer than the model's is refused."""
+    if context_length is None or context_length == source.context_len:
+        return source
+    if context_length > source.context_len:
+        raise ModelSourceError(
+            f"--context-length {context_length}: longer than {source.architecture}'s "
+            f"max_position_embeddings ({source.context_len})"
+        )
+    return attrs.evolve(source, served_context=context_length)
 
 
 def _read_json(file: Path) -> dict[str, Any]:

@@ -61,10 +61,13 @@ def start_rank(device: str, local_rank: int, local_ranks: int) -> torch.device:
 
 def run_rank(rank: int, launch: Launch, inboxes: list[Inbox], outbox: Outbox) -> None:
     """Entry point of a spawned rank; any failure goes to the outbox as one line."""
-    # Ctrl-C reaches the whole process group; the front end decides how ranks stop.
+    # Ctrl-C, systemd and container runtimes signal the whole process group; the front end
+    # decides how ranks stop (`Ranks` starts them with both ignored already; this keeps it so).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        device = start_rank(launch.args.device, rank, launch.args.tp_size)
+        local = launch.args.tp_size // launch.args.nnodes  # this host's ranks; one GPU each
+        device = start_rank(launch.args.device, rank % local, local)
         attn_tp = launch.plan.attn_tp_size
         inbox = inboxes[rank // attn_tp] if rank % attn_tp == 0 else None
         from engine.runtime.worker import Worker  # the rank's runtime, imported in the rank

@@ -10,9 +10,9 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from tqdm import tqdm
 
 from engine.model_api.forward_batch import ForwardBatch
-from engine.progress import Progress
 from engine.runtime.step_layout import StepLayout
 
 Forward = Callable[[ForwardBatch], torch.Tensor]
@@ -40,7 +40,11 @@ class GraphRunner:
             self._say(f"cuda graphs: off (the {backend.name} attention backend cannot be captured)")
             return
         start = time.monotonic()
-        bar = Progress("capturing cuda graphs", len(self.sizes), "sizes") if self.leader else None
+        bar = (
+            tqdm(total=len(self.sizes), desc="capturing cuda graphs", disable=None)
+            if self.leader
+            else None
+        )
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for rows in reversed(self.sizes):

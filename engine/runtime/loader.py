@@ -21,11 +21,11 @@ _UNUSED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.
 
 
 class SafetensorsSource:
-    """Reads only the requested slice from the file."""
+    """Reads only the requested slice from the file; a read that fails names both."""
 
-    def __init__(self, handle: object, name: str) -> None:
-        self._slice = handle.get_slice(name)
-        self.name = name
+    def __init__(self, handle: object, name: str, file: Path) -> None:
+        self.name, self.file = name, file
+        self._slice = self._read(lambda: handle.get_slice(name))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -33,10 +33,16 @@ class SafetensorsSource:
 
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
         index = [slice(None)] * dim + [slice(start, start + length)]
-        return self._slice[tuple(index)]
+        return self._read(lambda: self._slice[tuple(index)])
 
     def full(self) -> torch.Tensor:
-        return self._slice[:]
+        return self._read(lambda: self._slice[:])
+
+    def _read(self, fn):
+        try:
+            return fn()
+        except Exception as e:  # safetensors' own errors name neither the file nor the tensor
+            raise CheckpointError(f"{self.name}: cannot be read from {self.file} ({e})") from e
 
 
 class RandomSource:
@@ -91,15 +97,21 @@ def iter_checkpoint(path: str | Path) -> Iterator[tuple[str, SafetensorsSource]]
     from safetensors import safe_open
 
     for file in _checkpoint_files(Path(path)):
-        handle = safe_open(str(file), framework="pt")
+        try:
+            handle = safe_open(str(file), framework="pt")
+        except Exception as e:  # e.g. "incomplete metadata" for a truncated file
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
         for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-            yield name, SafetensorsSource(handle, name)
+            yield name, SafetensorsSource(handle, name, file)
 
 
 def _checkpoint_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from e
         for file in files:
             if not (path / file).exists():
                 raise CheckpointError(f"{file}: listed in {index.name} but missing from {path}")
@@ -121,16 +133,20 @@ def load_model(model: ModelBase, weights: Weights) -> None:
     expected = type(model).checkpoint_shapes(model.config)
     tied = tie_word_embeddings(model.config)
     seen = set()
+    files: set[Path] = set()
 
     def checked() -> Iterator[tuple[str, WeightSource]]:
         for given, source in weights:
             name = model.checkpoint_name(given)
+            file = getattr(source, "file", None)
+            files.add(file)
             if name is None:
                 continue
+            where = "the checkpoint" if file is None else file
             if name in expected:
                 if tuple(source.shape) != tuple(expected[name]):
                     raise CheckpointError(
-                        f"{name}: shape {tuple(source.shape)} in the checkpoint, "
+                        f"{name}: shape {tuple(source.shape)} in {where}, "
                         f"{type(model).__name__} expects {tuple(expected[name])}"
                     )
                 seen.add(name)
@@ -142,14 +158,20 @@ def load_model(model: ModelBase, weights: Weights) -> None:
             ):
                 continue
             else:
-                raise CheckpointError(f"{name}: unexpected tensor for {type(model).__name__}")
+                raise CheckpointError(
+                    f"{name}: unexpected tensor in {where} for {type(model).__name__}"
+                )
 
     with torch.no_grad():
         model.load_weights(checked())
     missing = [name for name in expected if name not in seen]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{missing[0]}: missing from the checkpoint{more}")
+        named = sorted(str(f) for f in files if f is not None)
+        where = named[0] if len(named) == 1 else "the checkpoint"
+        if len(named) > 1:
+            where += f" ({len(named)} files in {Path(named[0]).parent})"
+        raise CheckpointError(f"{missing[0]}: missing from {where}{more}")
 
 
 def build_model(

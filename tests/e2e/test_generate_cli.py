@@ -36,7 +36,8 @@ def test_prompt_at_tp2_prints_one_json_line(hello_tp2):
     assert len(result["output_ids"]) == len(result["output_logprobs"]) <= 16
     assert all(lp <= 0 for lp in result["output_logprobs"])
     assert isinstance(result["text"], str)
-    assert "loading" in proc.stderr and "generating" in proc.stderr  # progress goes to stderr
+    # progress bars are drawn on a terminal only (tests/e2e/test_shutdown.py runs one)
+    assert proc.stderr == ""
     assert seconds < 60
 
 

@@ -163,6 +163,7 @@ def test_text_report_at_tp4():
     [
         (["NoSuchForCausalLM"], "unknown architecture"),
         (["LlamaForCausalLM", "--tp-size", "1"], "give --tp-size 2 or more"),
+        (["LlamaForCausalLM", "--nnodes", "2", "--dist-init-addr", "h:1"], "drop --nnodes"),
         (["LlamaForCausalLM", "--attn-tp-gather", "on"], "drop --attn-tp-gather"),
         (["LlamaForCausalLM", "--disable-attn-tp-gather"], "drop --attn-tp-gather"),
         (["LlamaForCausalLM", "--model", "LlamaForCausalLM"], "not --model"),
