@@ -22,6 +22,7 @@ import openai
 import pytest
 
 from engine.http.chat import ChatFormat
+from tests.support.engine import group_pids, wait_gone
 
 pytestmark = pytest.mark.slow
 
@@ -84,29 +85,6 @@ class Server:
             os.killpg(self.pgid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.wait()
-
-
-def group_pids(pgid: int) -> list[int]:
-    """Live processes of process group `pgid` (zombies included: not yet reaped)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
-def wait_gone(pgid: int, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while (left := group_pids(pgid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
 
 
 @pytest.fixture(scope="module")

@@ -23,33 +23,12 @@ import httpx
 import openai
 import pytest
 
-from tests.support.engine import ROOT
+from tests.support.engine import ROOT, group_pids, wait_gone
 
 pytestmark = pytest.mark.slow
 
 PARCAP = [sys.executable, "-m", "engine.cli"]
 STARTUP_S = 120
-
-
-def group_pids(pgid: int) -> list[int]:
-    """Live processes of process group `pgid` (zombies excluded)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split() if stat else []
-        if fields and int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
-def wait_gone(pgid: int, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while (left := group_pids(pgid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return left
 
 
 class Served:

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from engine.frontend.llm_engine import LLMEngine
@@ -68,6 +69,30 @@ def pids_with_env(marker: str) -> list[int]:
             except OSError:
                 continue
     return [pid for pid in found if not gone(pid)]
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live processes of process group `pgid` (zombies excluded: they have exited)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # state ppid pgrp ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_gone(pgid: int, timeout: float) -> list[int]:
+    """`group_pids(pgid)` once it is empty or `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while (left := group_pids(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
 
 
 def run_cli(
