@@ -17,12 +17,11 @@ import uuid
 
 import pytest
 
-from tests.e2e.test_shutdown import Served, wait_gone
-from tests.support.engine import ROOT, free_port, pids_with_env, run_cli
+from tests.support.engine import ROOT, free_port, pids_with_env, run_cli, wait_gone
+from tests.support.served import PARCAP, Served
 
 pytestmark = pytest.mark.slow
 
-PARCAP = [sys.executable, "-m", "engine.cli"]
 LLAMA = ("--model", "LlamaForCausalLM", "--tp-size", "2")
 # attention-DP group 1's leader is rank 1, on node 1: its requests cross the link
 DEEPSEEK = ("--model", "DeepseekV3ForCausalLM", "--tp-size", "2", "--moe-a2a-backend", "all2all")

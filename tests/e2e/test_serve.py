@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,74 +20,24 @@ import openai
 import pytest
 
 from engine.http.chat import ChatFormat
-from tests.support.engine import group_pids, wait_gone
+from tests.support.engine import wait_gone
+from tests.support.served import PARCAP, Served
 
 pytestmark = pytest.mark.slow
 
 MODEL = "LlamaForCausalLM"
-PARCAP = [sys.executable, "-m", "engine.cli"]
 MAX_REQUEST_BYTES = 65536
 PROMPTS = ["Hello, parcap", "The quick brown fox", "0123456789", "Tensor parallel"]
 MAX_TOKENS = 24
-STARTUP_S = 120
 
 
-class Server:
-    def __init__(self, log: Path, *extra: str, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        argv = [*PARCAP, "serve", "--model", MODEL, "--tp-size", "2", "--port", "0", *extra]
-        with open(log, "w") as out:
-            # its own process group, so teardown can kill the server and every rank at once
-            self.proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
-            )
-        self.pgid = self.proc.pid
-        self.url = self._wait_ready()
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0)
-
-    def _wait_ready(self) -> str:
-        deadline = time.monotonic() + STARTUP_S
-        url = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.text()}")
-            if url is None and (m := re.search(r"serving \S+ on (http://\S+)", self.text())):
-                url = m.group(1)
-            if url is not None:
-                try:
-                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                        return url
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.2)
-        raise AssertionError(f"server not ready after {STARTUP_S}s:\n{self.text()}")
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def get(self, path: str) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=30)
-
-    def post(self, path: str, timeout: float = 60, **kwargs) -> httpx.Response:
-        return httpx.post(self.url + path, timeout=timeout, **kwargs)
-
-    def rank_pids(self) -> list[int]:
-        return [
-            pid
-            for pid in group_pids(self.pgid)
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        ]
-
-    def kill(self) -> None:
-        if group_pids(self.pgid):
-            os.killpg(self.pgid, signal.SIGKILL)
-        if self.proc.poll() is None:
-            self.proc.wait()
+def start_server(log: Path, *extra: str) -> Served:
+    return Served(log, "--model", MODEL, "--tp-size", "2", *extra).wait_ready()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(
+    s = start_server(
         tmp_path_factory.mktemp("serve") / "server.log",
         "--max-request-bytes",
         str(MAX_REQUEST_BYTES),
@@ -432,7 +380,7 @@ def test_sigterm_finishes_in_flight_requests_and_leaves_nothing(server):
 
 
 def test_rank_failure_turns_health_red_and_fails_requests_fast(tmp_path):
-    s = Server(tmp_path / "server.log")
+    s = start_server(tmp_path / "server.log")
     try:
         assert s.get("/health").status_code == 200
         result: dict = {}

@@ -8,15 +8,12 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
-import re
 import signal
 import struct
 import subprocess
-import sys
 import termios
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,59 +21,9 @@ import openai
 import pytest
 
 from tests.support.engine import ROOT, group_pids, wait_gone
+from tests.support.served import PARCAP, Served
 
 pytestmark = pytest.mark.slow
-
-PARCAP = [sys.executable, "-m", "engine.cli"]
-STARTUP_S = 120
-
-
-class Served:
-    """`parcap serve ARGV` in its own session (so its process group is its own), logging
-    to a file; `wait_ready` returns once /health answers 200."""
-
-    def __init__(self, log: Path, *argv: str, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        with open(log, "w") as out:
-            self.proc = subprocess.Popen(
-                [*PARCAP, "serve", "--port", "0", *argv],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-            )
-        self.pgid = self.proc.pid
-        self.url: str | None = None
-
-    def wait_ready(self) -> Served:
-        deadline = time.monotonic() + STARTUP_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.text()}")
-            if self.url is None and (m := re.search(r"serving \S+ on (http://\S+)", self.text())):
-                self.url = m.group(1)
-            if self.url is not None:
-                try:
-                    if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                        return self
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.2)
-        raise AssertionError(f"server not ready after {STARTUP_S}s:\n{self.text()}")
-
-    @property
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if group_pids(self.pgid):
-            os.killpg(self.pgid, signal.SIGKILL)
-        if self.proc.poll() is None:
-            self.proc.wait()
 
 
 def stream_in_background(client: openai.OpenAI, model: str, tokens: int) -> tuple[dict, Any]:
