@@ -164,7 +164,10 @@ class LLMEngine:
         return item
 
     def result(self, rid: int) -> Result:
-        """What request `rid` produced so far (KeyError once it finished, unless kept)."""
+        """What request `rid` produced so far (KeyError once it finished, unless kept).
+
+        It can run ahead of `poll`: a request may show finished while its last events
+        still wait in the queue."""
         with self._lock:
             return self._results[rid]
 

@@ -156,8 +156,14 @@ def test_requests_arriving_mid_run_match_running_alone():
     with LLMEngine(server_args("--tp-size", "2", "--max-prefill-tokens", "64")) as engine:
         alone = [engine.generate([p], [q])[0] for p, q in zip(prompts, params, strict=True)]
         rids = [engine.submit(prompts[0], params[0], keep=True)]
-        while len(rids) < 3 or not all(engine.result(rid).finished for rid in rids):
-            assert engine.poll(timeout=30) is not None
+        # finished as polled: result() runs ahead of poll(), whose queue may still hold a
+        # final event that would then be taken for the next request's
+        finished = set()
+        while len(rids) < 3 or finished != set(rids):
+            event = engine.poll(timeout=30)
+            assert event is not None
+            if event.finished:
+                finished.add(event.rid)
             if len(rids) == 1 and len(engine.result(rids[0]).output_ids) == 3:
                 rids.append(engine.submit(prompts[1], params[1], keep=True))
             elif len(rids) == 2 and engine.result(rids[1]).output_ids:
