@@ -10,13 +10,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from engine.server_args import ServerArgs
 from registry.args import Parser, fail
+
+if TYPE_CHECKING:
+    from engine.messages import SamplingParams
 
 DEFAULT_MODEL = "LlamaForCausalLM"
 
@@ -33,7 +37,8 @@ def parser() -> Parser:
     g.add_argument(
         "--input",
         metavar="FILE.jsonl",
-        help='prompts, one JSON object per line: {"prompt": str} or {"input_ids": [int]}',
+        help='prompts, one JSON object per line: {"prompt": str} or {"input_ids": [int]}, '
+        "optionally with its own max_new_tokens, temperature, top_p, top_k, seed, ignore_eos",
     )
     g.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="(default: 16)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
@@ -60,7 +65,7 @@ def main(argv: list[str]) -> int:
     if args.model is None and args.model_path is None:
         args = attrs.evolve(args, model=DEFAULT_MODEL)
     try:
-        params = SamplingParams(
+        flags = SamplingParams(
             max_new_tokens=ns.max_new_tokens,
             temperature=ns.temperature,
             top_p=ns.top_p,
@@ -87,11 +92,11 @@ def main(argv: list[str]) -> int:
     no_tokenizer = missing_tokenizer(args.model_path)
     prompts = read_prompts(ns, setup.tokenizer, int(config["vocab_size"]), no_tokenizer)
     limits = setup.launch.limits
-    for where, ids in prompts:
-        reason = limits.check(len(ids), params.max_new_tokens)
+    ids, params = [ids for _, ids, _ in prompts], [own(flags) for _, _, own in prompts]
+    for (where, _, _), prompt, own_params in zip(prompts, ids, params, strict=True):
+        reason = limits.check(len(prompt), own_params.max_new_tokens)
         if reason:
             fail(f"{where}: {reason}")
-    ids = [ids for _, ids in prompts]
     try:
         if is_torchrun():
             out = run_torchrun(setup, ids, params)
@@ -112,9 +117,10 @@ def main(argv: list[str]) -> int:
 
 def read_prompts(
     ns: Any, tokenizer: Any, vocab_size: int, no_tokenizer: str = "there is no tokenizer"
-) -> list[tuple[str, list[int]]]:
-    """(where, token ids) per prompt; `where` names the prompt in error messages. Text is
-    encoded by `tokenizer` (its own BOS settings); input_ids are taken as given."""
+) -> list[tuple[str, list[int], Callable[[SamplingParams], SamplingParams]]]:
+    """(where, token ids, the line's own sampling settings applied to the flags') per prompt;
+    `where` names the prompt in error messages. Text is encoded by `tokenizer` (its own BOS
+    settings); input_ids are taken as given."""
     if ns.prompt and ns.input:
         fail("give prompts with --prompt or --input, not both")
     if ns.input:
@@ -134,7 +140,7 @@ def read_prompts(
             bad = [i for i in ids if not 0 <= i < vocab_size]
             if bad:
                 fail(f"{where}: input id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
-        prompts.append((where, ids))
+        prompts.append((where, ids, _line_settings(where, entry)))
     if not prompts:
         fail(f"{ns.input}: no prompts in it")
     return prompts
@@ -167,6 +173,36 @@ def _valid_entry(entry: Any) -> bool:
         return isinstance(entry["prompt"], str)
     ids = entry["input_ids"]
     return isinstance(ids, list) and all(type(i) is int for i in ids)
+
+
+# what a line may set for itself, by JSON type; SamplingParams checks the values
+LINE_SETTINGS = {
+    "max_new_tokens": (int,),
+    "temperature": (int, float),
+    "top_p": (int, float),
+    "top_k": (int,),
+    "seed": (int,),
+    "ignore_eos": (bool,),
+}
+
+
+def _line_settings(where: str, entry: dict) -> Callable[[SamplingParams], SamplingParams]:
+    own = {key: value for key, value in entry.items() if key not in ("prompt", "input_ids")}
+    for key, value in own.items():
+        if key not in LINE_SETTINGS:
+            known = ", ".join(["prompt", "input_ids", *LINE_SETTINGS])
+            fail(f"{where}: unknown key {key!r} (known: {known})")
+        if type(value) not in LINE_SETTINGS[key]:
+            kind = " or ".join(t.__name__ for t in LINE_SETTINGS[key])
+            fail(f"{where}: {key!r} must be {kind} (got {json.dumps(value)})")
+
+    def apply(flags: SamplingParams) -> SamplingParams:
+        try:
+            return attrs.evolve(flags, **own)
+        except ValueError as e:
+            fail(f"{where}: {e}")
+
+    return apply
 
 
 def write_results(results: list[Any], tokenizer: Any, output: str | None) -> None:

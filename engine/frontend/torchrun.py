@@ -26,7 +26,7 @@ class ListOutbox:
 
 
 def run_torchrun(
-    setup: Setup, prompts: list[list[int]], params: SamplingParams
+    setup: Setup, prompts: list[list[int]], params: list[SamplingParams]
 ) -> tuple[list[Result], Counters, Timings] | None:
     """Run this process as the rank torchrun says; every rank reads the same prompts and
     keeps its group's round-robin share. Results, counters and timings on global rank 0,
@@ -37,7 +37,10 @@ def run_torchrun(
     device = start_rank(launch.args.device, int(os.environ.get("LOCAL_RANK", 0)), local_world)
     groups = launch.plan.attn_dp_size
     group = rank // launch.plan.attn_tp_size
-    requests = [Request.make(i, p, params, launch.args.seed) for i, p in enumerate(prompts)]
+    requests = [
+        Request.make(i, p, q, launch.args.seed)
+        for i, (p, q) in enumerate(zip(prompts, params, strict=True))
+    ]
     inbox, outbox = queue.Queue(), ListOutbox()
     inbox.put(Submit(tuple(r for r in requests if r.rid % groups == group), len(requests)))
     inbox.put(CLOSE)

@@ -44,16 +44,22 @@ def test_prompt_at_tp2_prints_one_json_line(hello_tp2):
 @pytest.mark.slow
 def test_input_file_output_file_and_report(hello_tp2, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "hello"}\n\n{"input_ids": [256, 1, 2, 3]}\n')
+    sampled = '{"prompt": "hello", "temperature": 1.0, "seed": 7}'
+    lines = ['{"prompt": "hello"}', "", '{"input_ids": [256, 1, 2, 3]}']
+    # a line's own settings override the flags for that line only
+    lines += ['{"input_ids": [256, 1, 2, 3], "max_new_tokens": 3}', sampled, sampled]
+    prompts.write_text("\n".join(lines) + "\n")
     out, report = tmp_path / "out.jsonl", tmp_path / "report.json"
     code = main(
         ["--input", str(prompts), "--output", str(out), "--report-json", str(report)]
         + ["--max-new-tokens", "5", "--ignore-eos", "--moe-dense-tp-size", "1", "--tp-size", "2"]
     )
     assert code == 0
-    first, second = (json.loads(line) for line in out.read_text().splitlines())
+    first, second, short, *sampled = (json.loads(line) for line in out.read_text().splitlines())
     assert set(first) == set(second) == KEYS
     assert len(first["output_ids"]) == len(second["output_ids"]) == 5
+    assert short["output_ids"] == second["output_ids"][:3]
+    assert sampled[0]["output_ids"] == sampled[1]["output_ids"] != first["output_ids"]
     hello = json.loads(hello_tp2[0].stdout)["output_ids"]
     n = min(5, len(hello))  # without --ignore-eos, hello may have stopped early
     assert first["output_ids"][:n] == hello[:n]
@@ -103,6 +109,15 @@ def test_bad_inputs_exit_2_before_any_rank(no_ranks, capsys, tmp_path):
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"input_ids": [1, "x"]}\n')
     assert f"{wrong}:1: expected" in refused(capsys, "--input", str(wrong))
+    for line, error in [
+        ('{"prompt": "a", "max_tokens": 5}', "unknown key 'max_tokens' (known: prompt, "),
+        ('{"prompt": "a", "top_k": 2.5}', "'top_k' must be int (got 2.5)"),
+        ('{"prompt": "a", "ignore_eos": 1}', "'ignore_eos' must be bool (got 1)"),
+        ('{"prompt": "a", "temperature": -1}', "'temperature' must be a number >= 0 (got -1)"),
+        ('{"prompt": "a", "max_new_tokens": 4000}', "prompt of 2 tokens + max_new_tokens 4000"),
+    ]:
+        wrong.write_text('{"prompt": "fine"}\n' + line + "\n")
+        assert f"{wrong}:2: {error}" in refused(capsys, "--input", str(wrong))
     big = tmp_path / "big.jsonl"
     big.write_text('{"input_ids": [1, 384]}\n')
     assert "input id 384 is outside the vocabulary" in refused(capsys, "--input", str(big))
