@@ -5,13 +5,13 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from engine.model_api.config import config_from_dict, load_config
-from engine.runtime.loader import load_checkpoint, load_random
+from engine.model_api.config import load_config
+from engine.runtime.loader import load_checkpoint
 from engine.runtime.process_groups import destroy_parallel, init_parallel
 from models.llama import LlamaForCausalLM
 from tests.support.checkpoints import parcap_greedy
 from tests.support.engine import free_port
-from tests.support.models import rank_context
+from tests.support.models import rank_context, tiny_random
 from tests.unit.test_llama_reference import PROMPTS, STEPS, checkpoint_dir, parcap_model, run_parcap
 
 __all__ = ["checkpoint_dir"]  # the fixture, shared with the single-process tests
@@ -23,10 +23,7 @@ def tp_worker(rank: int, port: int, jobs: list[tuple[str, str | None]], out_dir:
     try:
         for name, path in jobs:
             if path is None:
-                model = parcap_model(
-                    config_from_dict(LlamaForCausalLM.tiny_config()), rank_context()
-                )
-                load_random(model, seed=0)
+                model = tiny_random(LlamaForCausalLM, rank_context())
             else:
                 model = parcap_model(load_config(path), rank_context())
                 load_checkpoint(model, path)
@@ -49,9 +46,7 @@ def test_tp2_logits_match_single_process(checkpoint_dir, tmp_path):
     mp.spawn(tp_worker, args=(free_port(), jobs, str(tmp_path)), nprocs=2, join=True)
     for name, path in jobs:
         if path is None:
-            model = parcap_model(config_from_dict(LlamaForCausalLM.tiny_config()))
-            load_random(model, seed=0)
-            single = parcap_greedy(model, PROMPTS, STEPS, chunk=4, pad_to=4)
+            single = parcap_greedy(tiny_random(LlamaForCausalLM), PROMPTS, STEPS, chunk=4, pad_to=4)
         else:
             single = run_parcap(Path(path))
         rank0, rank1 = (torch.load(tmp_path / f"{name}-rank{r}.pt") for r in (0, 1))

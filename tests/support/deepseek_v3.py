@@ -3,18 +3,18 @@ checkpoint cases with a non-zero correction bias, and in-process parcap models."
 
 from __future__ import annotations
 
+import functools
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine.model_api import ModelContext
-from engine.model_api.config import config_from_dict
-from engine.runtime.loader import load_random
 from models.deepseek_v3 import DeepseekV3ForCausalLM
 from tests.support.checkpoints import save_tiny_checkpoint
-from tests.support.models import build
+from tests.support.models import build, tiny_random
 
 ARCH = "DeepseekV3ForCausalLM"
 BASE = {
@@ -66,15 +66,11 @@ def save_checkpoint(root: Path, case: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root, saved = tmp_path_factory.mktemp("deepseek_v3"), {}
-
-    def path(case: str) -> Path:
-        if case not in saved:
-            saved[case] = save_checkpoint(root, case)
-        return saved[case]
-
-    return path
+def checkpoint(tmp_path_factory) -> Callable[[str], Path]:
+    """`checkpoint(case)`: the case's checkpoint, saved on first use."""
+    return functools.cache(
+        functools.partial(save_checkpoint, tmp_path_factory.mktemp("deepseek_v3"))
+    )
 
 
 def parcap_model(
@@ -85,6 +81,4 @@ def parcap_model(
 
 
 def tiny_random_model(ctx: ModelContext | None = None) -> DeepseekV3ForCausalLM:
-    model = parcap_model(config_from_dict(DeepseekV3ForCausalLM.tiny_config()), ctx)
-    load_random(model, seed=0)
-    return model
+    return tiny_random(DeepseekV3ForCausalLM, ctx)

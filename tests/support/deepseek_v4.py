@@ -6,18 +6,18 @@ closest tie, the SwiGLU clamp)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from engine.model_api import ModelContext
-from engine.model_api.config import config_from_dict
-from engine.runtime.loader import load_random
 from models.deepseek_v4 import DeepseekV4ForCausalLM
 from tests.support.checkpoints import save_tiny_checkpoint
-from tests.support.models import build
+from tests.support.models import build, tiny_random
 
 ARCH = "DeepseekV4ForCausalLM"
 BASE = {k: v for k, v in DeepseekV4ForCausalLM.tiny_config().items() if k != "torch_dtype"}
@@ -140,15 +140,11 @@ LEGACY = {  # as DeepSeek's released config.json spells it
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root, saved = tmp_path_factory.mktemp("deepseek_v4"), {}
-
-    def path(case: str) -> Path:
-        if case not in saved:
-            saved[case] = save_checkpoint(root, case)
-        return saved[case]
-
-    return path
+def checkpoint(tmp_path_factory) -> Callable[[str], Path]:
+    """`checkpoint(case)`: the case's checkpoint, saved on first use."""
+    return functools.cache(
+        functools.partial(save_checkpoint, tmp_path_factory.mktemp("deepseek_v4"))
+    )
 
 
 def parcap_model(
@@ -158,9 +154,7 @@ def parcap_model(
 
 
 def tiny_random_model(ctx: ModelContext | None = None) -> DeepseekV4ForCausalLM:
-    model = parcap_model(config_from_dict(DeepseekV4ForCausalLM.tiny_config()), ctx)
-    load_random(model, seed=0)
-    return model
+    return tiny_random(DeepseekV4ForCausalLM, ctx)
 
 
 def index_gaps(scores: torch.Tensor, rate: int, top_k: int) -> list[float]:

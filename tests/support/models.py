@@ -7,8 +7,9 @@ import types
 import torch
 
 from engine.model_api import ModelBase, ModelContext, MoeSettings
+from engine.model_api.config import config_from_dict
 from engine.model_api.parallel import get_parallel
-from engine.runtime.loader import build_model
+from engine.runtime.loader import build_model, load_random
 
 
 def build(
@@ -19,6 +20,13 @@ def build(
 ) -> ModelBase:
     """`cls(config, ctx)` in `dtype` (one process, one rank when `ctx` is None)."""
     return build_model(cls, config, ctx or ModelContext.single(), dtype)
+
+
+def tiny_random(cls: type[ModelBase], ctx: ModelContext | None = None) -> ModelBase:
+    """`cls` at its tiny config with seeded random weights (seed 0)."""
+    model = build(cls, config_from_dict(cls.tiny_config()), ctx)
+    load_random(model, seed=0)
+    return model
 
 
 def rank_context(moe: MoeSettings | None = None) -> ModelContext:

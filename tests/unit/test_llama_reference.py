@@ -18,7 +18,7 @@ from tests.support.checkpoints import (
     reference_greedy,
     save_tiny_checkpoint,
 )
-from tests.support.models import build
+from tests.support.models import build, tiny_random
 
 CASES = {
     "gqa-untied": {"num_key_value_heads": 2},
@@ -121,8 +121,7 @@ def test_tiny_config_builds_a_transformers_llama_and_decodes_varied_tokens():
 
 
 def test_idle_batch_of_padding_rows_gives_no_logits():
-    model = parcap_model(config_from_dict(LlamaForCausalLM.tiny_config()))
-    load_random(model, seed=0)
+    model = tiny_random(LlamaForCausalLM)
     kv_pool = KVPool(8, model.kv_cache_shapes(), torch.float32, torch.device("cpu"))
     backend = TorchAttentionBackend()
     batch = make_batch(

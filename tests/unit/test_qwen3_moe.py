@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from safetensors import safe_open
 
-from engine.model_api.config import config_from_dict, load_config
-from engine.runtime.loader import load_checkpoint, load_random
+from engine.model_api.config import load_config
+from engine.runtime.loader import load_checkpoint
 from models.qwen3_moe import Qwen3MoeForCausalLM
 from tests.support.checkpoints import parcap_greedy
-from tests.support.models import build
+from tests.support.models import build, tiny_random
 from tests.support.qwen3_moe import CASES, PROMPTS, STEPS, check_against, checkpoints
 
 __all__ = ["checkpoints"]  # a fixture
@@ -37,10 +37,8 @@ def test_checkpoint_shapes_match_saved_checkpoint(checkpoints, case):
 
 
 def test_tiny_config_has_dense_and_sparse_layers_and_decodes_varied_tokens():
-    config = config_from_dict(Qwen3MoeForCausalLM.tiny_config())
-    model = build(Qwen3MoeForCausalLM, config)
+    model = tiny_random(Qwen3MoeForCausalLM)
     assert [layer.is_moe for layer in model.model.layers] == [True, False, True, True]
-    load_random(model, seed=0)
     tokens, logprobs, _ = parcap_greedy(model, [list(b"Hello, world")], 24)
     assert len(set(tokens[0])) > 8
     assert all(lp > -5.0 for lp in logprobs[0])  # well above uniform over 384 tokens (-5.95)
