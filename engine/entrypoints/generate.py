@@ -50,6 +50,14 @@ def parser() -> Parser:
     return p
 
 
+def server_args(ns: Any, p: Parser) -> ServerArgs:
+    """The server flags; the embedded default model when neither --model nor --model-path."""
+    args = ServerArgs.from_namespace(ns, p)
+    if args.model is None and args.model_path is None:
+        args = attrs.evolve(args, model=DEFAULT_MODEL)
+    return args
+
+
 def main(argv: list[str]) -> int:
     from engine.frontend.launcher import USER_ERRORS, RankError, is_torchrun, prepare
     from engine.frontend.llm_engine import LLMEngine, make_report
@@ -61,9 +69,7 @@ def main(argv: list[str]) -> int:
 
     p = parser()
     ns = p.parse_args(argv)
-    args = ServerArgs.from_namespace(ns, p)
-    if args.model is None and args.model_path is None:
-        args = attrs.evolve(args, model=DEFAULT_MODEL)
+    args = server_args(ns, p)
     try:
         flags = SamplingParams(
             max_new_tokens=ns.max_new_tokens,

@@ -21,9 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import attrs
-
-from engine.entrypoints.generate import DEFAULT_MODEL
+from engine.entrypoints.generate import server_args
 from engine.server_args import ServerArgs
 from registry.args import Parser, fail, one_line
 
@@ -160,9 +158,7 @@ def draining_server(config: Any, gate: Gate, grace_s: float) -> Any:
 def main(argv: list[str]) -> int:
     p = parser()
     ns = p.parse_args(argv)
-    args = ServerArgs.from_namespace(ns, p)
-    if args.model is None and args.model_path is None:
-        args = attrs.evolve(args, model=DEFAULT_MODEL)
+    args = server_args(ns, p)
     if not 0 <= ns.port <= 65535:
         p.error(f"argument --port: must be in 0..65535 (got {ns.port})")
     if ns.max_request_bytes < 1:
