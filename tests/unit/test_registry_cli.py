@@ -11,17 +11,11 @@ import pytest
 import engine.cli
 from registry import ModelRegistry
 from registry.cli import main
-from tests.unit.test_model_registry import BROKEN, DECLARES_NOTHING, SELF_MANAGED, Sandbox
+from tests.support.sandbox import BROKEN, DECLARES_NOTHING, SELF_MANAGED, sandbox
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL2ALL = ["--tp-size", "4", "--moe-a2a-backend", "all2all"]
-
-
-@pytest.fixture
-def sandbox(tmp_path, monkeypatch):
-    box = Sandbox(tmp_path, monkeypatch)
-    yield box
-    box.cleanup()
+__all__ = ["sandbox"]  # the fixture
 
 
 @pytest.fixture
